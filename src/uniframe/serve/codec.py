@@ -204,13 +204,14 @@ def decode(model: OnnxModel, body: bytes, header_length: int | None) -> InferReq
     for i, inp in enumerate(inputs):
         if not isinstance(inp, dict):
             raise BadRequest(f"inputs[{i}] must be an object")
-        name = inp.get("name")
-        spec = model.input_by_name.get(name) if isinstance(name, str) else None
+        raw_name = inp.get("name")
+        spec = model.input_by_name.get(raw_name) if isinstance(raw_name, str) else None
         if spec is None:
             raise BadRequest(
-                f"inputs[{i}]: unknown input {name!r}; model {model.name!r} takes "
+                f"inputs[{i}]: unknown input {raw_name!r}; model {model.name!r} takes "
                 + ", ".join(repr(t.name) for t in model.inputs)
             )
+        name = spec.name
         if name in feeds:
             raise BadRequest(f"input {name!r} is given twice")
         datatype = inp.get("datatype")

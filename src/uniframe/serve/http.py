@@ -16,6 +16,7 @@ was received, then exit).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import selectors
 import signal
@@ -256,10 +257,8 @@ class Server:
             self.metrics.inflight -= 1
             conn.head = None
         self.metrics.connections -= 1
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
         conn.sock.close()
 
     def _read(self, conn: _Conn) -> None:
@@ -516,11 +515,11 @@ class Server:
         now = time.monotonic()
         for conn in list(self._conns.values()):
             idle = now - conn.last
-            if conn.discard and idle > 2.0:
-                self._close(conn)
-            elif idle > self.idle_timeout:
-                self._close(conn)
-            elif self.draining and conn.head is None and not conn.inbuf and not conn.outbuf:
+            lingering = conn.discard and idle > 2.0
+            idle_in_drain = (
+                self.draining and conn.head is None and not conn.inbuf and not conn.outbuf
+            )
+            if lingering or idle > self.idle_timeout or idle_in_drain:
                 self._close(conn)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -540,10 +539,8 @@ class Server:
         if self._stop_at is None:
             self._stop_at = time.monotonic() + self.drain_timeout
         self.draining = True
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        except OSError:
-            pass
 
     def serve_forever(self, on_ready: Callable[[Server], None] | None = None) -> None:
         self._install_signals()
