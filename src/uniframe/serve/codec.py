@@ -94,6 +94,9 @@ def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Any:
             f"data has {probe.size}"
         )
     kinds = _JSON_KINDS.get(dt, _INT_KINDS)
+    if want and kinds is _INT_KINDS and probe.dtype.kind in "fO":
+        # numpy widens a mix of int64 and huge uint64 values to float: settle it exactly.
+        return _ints_from_mixed(spec, data, probe, shape)
     if want and probe.dtype.kind not in kinds:
         found = {"f": "non-integer numbers", "U": "strings", "b": "booleans", "O": "mixed values"}
         raise BadRequest(
@@ -103,13 +106,23 @@ def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Any:
     target = NUMPY[dt]
     if probe.dtype == target:
         arr = probe
-    elif dt not in _JSON_KINDS:
+    elif kinds is _INT_KINDS:
         try:  # numpy refuses Python ints out of the target range here, instead of wrapping
             arr = np.array(data, dtype=target)
         except OverflowError as exc:
             raise BadRequest(f"input {spec.name!r}: value out of range for {dt}: {exc}") from None
     else:
         arr = probe.astype(target)
+    return arr.reshape(shape)
+
+
+def _ints_from_mixed(spec: TensorSpec, data: Any, probe: Any, shape: tuple[int, ...]) -> Any:
+    try:
+        arr = np.array(data, dtype=NUMPY[spec.datatype])
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise BadRequest(f"input {spec.name!r}: value out of range for {spec.datatype}: {exc}") from None
+    if probe.dtype.kind == "O" or not np.array_equal(arr, probe):
+        raise BadRequest(f"input {spec.name!r}: {spec.datatype} data contains non-integer numbers")
     return arr.reshape(shape)
 
 
