@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 # Each import registers its commands on ``app``.
-from uniframe.cli import examples, infer, serve  # noqa: F401
-from uniframe.cli.app import run
+from uniframe.cli import examples, infer, kernel, run, serve, validate  # noqa: F401
+from uniframe.cli.app import run as run_app
 
 
 def main() -> None:
-    run()
+    run_app()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""``uniframe run | ps | logs | stop | rm``: unikernel images as local microVMs.
+
+The commands are thin: each builds a :class:`QemuMicroVMDriver`, which finds
+every replica from its directory on disk, so ``run -d`` in one shell and
+``ps``/``stop`` in another see the same replicas. ``run`` without ``-d`` is
+foreground: it streams the guest console until the guest exits and turns
+Ctrl-C into a graceful stop, and it exits with the guest's own exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+
+import typer
+from rich.table import Table
+
+from uniframe.build.store import ImageStore
+from uniframe.cli.app import app, console, err_console, fail
+from uniframe.errors import ImageError
+from uniframe.runtime.ports import parse_port_mapping
+from uniframe.runtime.qemu.driver import QemuMicroVMDriver
+from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig, ReplicaState, ReplicaStatus
+from uniframe.spec.units import parse_size
+
+
+def _image(ref: str) -> ImageRef:
+    """The seam between the image store and the runtime: an image becomes boot files."""
+    image = ImageStore().resolve(ref)
+    if image.kind != "unikernel":
+        raise ImageError(f"image {ref} is a {image.kind} image; 'uniframe run' boots unikernel images")
+    return ImageRef(ref=ref, digest=image.digest, kernel=image.kernel, initrd=image.initrd,
+                    cmdline=image.cmdline)
+
+
+def _memory_mib(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise fail(f"--memory: {exc}") from None
+    if size % (1 << 20):
+        raise fail(f"--memory {text}: give a whole number of MiB, e.g. 256Mi")
+    return size >> 20
+
+
+def _stream(driver: QemuMicroVMDriver, replica: Replica, offset: int) -> int:
+    """Copy the console to stdout from ``offset`` until the guest stops; return the new offset."""
+    out = sys.stdout.buffer
+    for chunk in driver.logs(replica.id, follow=True, offset=offset):
+        out.write(chunk)
+        out.flush()
+        offset += len(chunk)
+    return offset
+
+
+def _exit_code(status: ReplicaStatus) -> int:
+    if status.state is ReplicaState.EXITED and status.exit_status is not None:
+        return status.exit_status
+    return 1
+
+
+@app.command()
+def run(
+    image: str = typer.Argument(..., help="image: name[:tag], digest prefix, or image directory"),
+    publish: list[str] = typer.Option([], "-p", "--publish", help="publish a port, HOST:GUEST or IP:HOST:GUEST"),
+    name: str = typer.Option(None, "--name", help="replica name (default: image name + id)"),
+    cpus: int = typer.Option(1, "--cpus", help="virtual CPUs"),
+    memory: str = typer.Option("256Mi", "--memory", help="guest memory, e.g. 256Mi"),
+    accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg"),
+    net: str = typer.Option("user", "--net", help="user (QEMU user-mode, no root) or bridge (root)"),
+    detach: bool = typer.Option(False, "-d", "--detach", help="start and return; see 'uniframe logs'"),
+    remove: bool = typer.Option(False, "--rm", help="remove the replica once it exits (foreground only)"),
+    stop_timeout: float = typer.Option(10.0, "--stop-timeout", help="seconds a Ctrl-C stop waits for the guest"),
+) -> None:
+    """Boot a unikernel image as a microVM (foreground unless -d)."""
+    config = ReplicaConfig(
+        image=_image(image), name=name, cpus=cpus, memory_mib=_memory_mib(memory),
+        ports=tuple(parse_port_mapping(p) for p in publish), accel=accel, network=net,
+    )
+    driver = QemuMicroVMDriver()
+    replica = driver.create(config)
+    try:
+        replica = driver.start(replica.id)
+    except BaseException:
+        driver.remove(replica.id, force=True)
+        raise
+    if detach:
+        console.print(replica.id)
+        return
+    err_console.print(f"[dim]replica {replica.id} ({replica.name}), accel {replica.accel}; "
+                      "Ctrl-C stops it[/]")
+    offset = replica.log_offset
+    try:
+        offset = _stream(driver, replica, offset)
+    except KeyboardInterrupt:
+        err_console.print(f"[dim]stopping {replica.name} (up to {stop_timeout:g} s)...[/]")
+        try:
+            driver.stop(replica.id, timeout=stop_timeout)
+        except KeyboardInterrupt:
+            driver.stop(replica.id, timeout=0)
+        _stream(driver, replica, offset)
+    status = driver.wait(replica.id)
+    if status.state is not ReplicaState.EXITED:
+        err_console.print(f"replica {replica.name} {status.state.value}: {status.detail}")
+    if remove:
+        driver.remove(replica.id, force=True)
+    raise typer.Exit(_exit_code(status))
+
+
+def _state_text(status: ReplicaStatus) -> str:
+    if status.state is ReplicaState.EXITED:
+        return f"exited ({status.exit_status})"
+    return status.state.value
+
+
+def _uptime(replica: Replica, status: ReplicaStatus) -> str:
+    if status.state is not ReplicaState.RUNNING or not replica.started_at:
+        return "-"
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(replica.started_at)).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@app.command()
+def ps(
+    all_: bool = typer.Option(False, "-a", "--all", help="also show replicas that are not running"),
+    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+) -> None:
+    """List replicas (running ones unless -a)."""
+    driver = QemuMicroVMDriver()
+    rows = [(r, driver.inspect(r.id)) for r in driver.list()]
+    if not all_:
+        rows = [(r, s) for r, s in rows if s.state is ReplicaState.RUNNING]
+    if output == "json":
+        data = [{**r.to_json(), "dir": str(r.dir), "status": s.to_json()} for r, s in rows]
+        console.print_json(json.dumps(data))
+        return
+    if output != "table":
+        raise fail(f"-o {output}: use table or json")
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "NAME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL"):
+        table.add_column(col, no_wrap=True)
+    for r, s in rows:
+        ports = ", ".join(str(p) for p in r.config.ports) or "-"
+        table.add_row(r.id, r.name, r.config.image.ref, _state_text(s), ports, _uptime(r, s), r.accel or "-")
+    console.print(table)
+
+
+@app.command()
+def logs(
+    replica: str = typer.Argument(..., help="replica id (or unique prefix) or name"),
+    follow: bool = typer.Option(False, "-f", "--follow", help="keep printing until the replica stops"),
+) -> None:
+    """Print a replica's console log."""
+    driver = QemuMicroVMDriver()
+    out = sys.stdout.buffer
+    try:
+        for chunk in driver.logs(replica, follow=follow):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def stop(
+    replicas: list[str] = typer.Argument(..., help="replica ids or names"),
+    timeout: float = typer.Option(10.0, "--timeout", "-t", help="seconds to wait for a graceful shutdown"),
+) -> None:
+    """Stop replicas: a shutdown request to the guest, then QMP quit, then SIGKILL."""
+    driver = QemuMicroVMDriver()
+    for ref in replicas:
+        replica = driver.get(ref)
+        status = driver.stop(replica.id, timeout=timeout)
+        detail = f" ({status.detail})" if status.state is ReplicaState.CRASHED else ""
+        console.print(f"{replica.id} {replica.name}: {_state_text(status)}{detail}")
+
+
+@app.command()
+def rm(
+    replicas: list[str] = typer.Argument(..., help="replica ids or names"),
+    force: bool = typer.Option(False, "-f", "--force", help="kill running replicas first"),
+) -> None:
+    """Remove replicas and their logs."""
+    driver = QemuMicroVMDriver()
+    for ref in replicas:
+        replica = driver.remove(ref, force=force)
+        console.print(f"{replica.id} {replica.name}: removed")
+
+

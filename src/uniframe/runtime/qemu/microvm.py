@@ -1,0 +1,129 @@
+"""The QEMU command line for a ``-M microvm`` guest, and launching it detached.
+
+Why these options (measured on the 2-core TCG host, see tests/runtime and the
+DESIGN notes):
+
+- ``acpi=off``: microvm then lists its virtio-mmio devices on the kernel
+  command line, which our ACPI-less kernel needs; ``x-option-roms=off`` skips
+  loading the linuxboot option ROM, and ``pit/pic/rtc=off`` drop legacy devices
+  the kernel would otherwise probe (the kernel keeps the ISA serial console).
+- ``-nodefaults -no-user-config``: nothing the host's QEMU config adds;
+  ``-display none`` instead of ``-nographic`` because nothing is on stdio.
+- ``-no-reboot`` with ``reboot=t`` on the kernel command line: a kernel without
+  ACPI cannot power off, so the guest exits by rebooting and QEMU then exits.
+- TCG gets ``-cpu max`` (RDRAND seeds the guest's entropy pool) and a bounded
+  translation cache (``tb-size``): under TCG the code cache, not guest RAM,
+  dominates QEMU's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniframe.guest.cmdline import KERNEL_ARGS
+
+MACHINE = "microvm,acpi=off,x-option-roms=off,isa-serial=on,pit=off,pic=off,rtc=off"
+DEFAULT_TB_SIZE_MIB = 64
+
+# Kernel arguments every uniframe guest needs (console, reboot=t, panic=-1,
+# random.trust_cpu=on), defined beside the guest init that relies on them.
+RUNTIME_KERNEL_ARGS = dict(arg.split("=", 1) for arg in KERNEL_ARGS)
+
+USER_NET_GUEST_IP = "10.0.2.15"
+USER_NET_IP_ARG = f"ip={USER_NET_GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
+
+
+def tb_size_mib() -> int:
+    """TCG translation cache size in MiB; ``UNIFRAME_TCG_TB_SIZE`` overrides."""
+    value = os.environ.get("UNIFRAME_TCG_TB_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_TB_SIZE_MIB
+
+
+def accel_args(accel: str, tb_size: int | None = None) -> list[str]:
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", f"tcg,tb-size={tb_size or tb_size_mib()}", "-cpu", "max"]
+
+
+def kernel_cmdline(image_cmdline: str, extra: list[str]) -> str:
+    """The image's command line plus the runtime's keys, kept before any ``--``.
+
+    Arguments after ``--`` belong to init; the runtime's keys (console, reboot
+    mode, ``ip=``) are for the kernel, so they go in front of it. A key the
+    image already sets is left as the image set it, except ``ip=``, which only
+    the runtime knows.
+    """
+    kernel_part, sep, init_part = f" {image_cmdline} ".partition(" -- ")
+    words = [w for w in kernel_part.split() if not (w.startswith("ip=") and any(e.startswith("ip=") for e in extra))]
+    present = {w.split("=", 1)[0] for w in words}
+    words += [f"{k}={v}" for k, v in RUNTIME_KERNEL_ARGS.items() if k not in present]
+    words += extra
+    line = " ".join(words)
+    return f"{line} -- {init_part.strip()}".strip() if sep else line
+
+
+@dataclass(frozen=True)
+class MicroVM:
+    """Everything QEMU needs to boot one microVM."""
+
+    qemu: str
+    kernel: Path
+    cmdline: str
+    initrd: Path | None = None
+    cpus: int = 1
+    memory_mib: int = 256
+    accel: str = "tcg"
+    tb_size: int | None = None
+    machine: str = MACHINE
+    netdev: tuple[str, ...] = ()          # e.g. ("user,id=net0,hostfwd=...",)
+    rng: bool = True
+    serial: tuple[str, ...] = ("-serial", "stdio")
+    qmp_socket: Path | None = None
+    extra: tuple[str, ...] = field(default=())
+
+    def argv(self) -> list[str]:
+        argv = [self.qemu, "-M", self.machine, *accel_args(self.accel, self.tb_size),
+                "-smp", str(self.cpus), "-m", f"{self.memory_mib}M",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-kernel", str(self.kernel), "-append", self.cmdline]
+        if self.initrd is not None:
+            argv += ["-initrd", str(self.initrd)]
+        argv += list(self.serial)
+        if self.qmp_socket is not None:
+            argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        if self.rng:
+            argv += ["-device", "virtio-rng-device"]
+        for i, netdev in enumerate(self.netdev):
+            argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i}"]
+        return argv + list(self.extra)
+
+
+def console_chardev(socket_path: Path, log_path: Path) -> tuple[str, ...]:
+    """The serial console: logged to a file, and a socket the host can write to.
+
+    The log is written whether or not a client is connected (QEMU drops output
+    it cannot send and still logs it), so ``console.log`` is complete, while
+    ``uniframe stop`` connects only long enough to type the shutdown line.
+    """
+    return ("-chardev",
+            f"socket,id=console,path={socket_path},server=on,wait=off,logfile={log_path},logappend=on",
+            "-serial", "chardev:console")
+
+
+def user_netdev(ports: list[tuple[str, int, int]]) -> str:
+    """QEMU user-mode networking with one ``hostfwd`` per (host_ip, host_port, guest_port)."""
+    fwd = "".join(f",hostfwd=tcp:{ip}:{host}-:{guest}" for ip, host, guest in ports)
+    return f"user,id=net0{fwd}"
+
+
+def launch_detached(argv: list[str], cwd: Path, output: Path) -> subprocess.Popen[bytes]:
+    """Start QEMU in its own session (Ctrl-C in the CLI never reaches it), output to a file."""
+    with output.open("ab") as out:
+        out.write(f"+ {shlex.join(argv)}\n".encode())
+        out.flush()
+        return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)

@@ -1,0 +1,131 @@
+"""The records every driver shares: what to run, what runs, and how it is doing.
+
+They are plain dataclasses that round-trip through JSON because the replica's
+directory, not a process's memory, is the source of truth (see the package
+docstring). A future common ``Driver`` interface over QEMU and runc speaks in
+exactly these types.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from uniframe.runtime.ports import PortMapping
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """The parts of an image a driver boots, plus how the user named it."""
+
+    ref: str
+    digest: str
+    kernel: Path
+    initrd: Path
+    cmdline: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "digest": self.digest, "kernel": str(self.kernel),
+                "initrd": str(self.initrd), "cmdline": self.cmdline}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageRef:
+        return cls(str(data["ref"]), str(data["digest"]), Path(data["kernel"]),
+                   Path(data["initrd"]), str(data.get("cmdline", "")))
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """What the caller asks for; drivers fill in the rest (id, accelerator, addresses)."""
+
+    image: ImageRef
+    name: str | None = None
+    cpus: int = 1
+    memory_mib: int = 256
+    ports: tuple[PortMapping, ...] = ()
+    accel: str = "auto"        # auto | kvm | tcg
+    network: str = "user"      # user | bridge
+
+
+class ReplicaState(enum.StrEnum):
+    CREATED = "created"   # on disk, never started
+    RUNNING = "running"
+    EXITED = "exited"     # the guest reported its exit status
+    CRASHED = "crashed"   # the VM went away without a status (killed, QEMU died, guest panic)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    state: ReplicaState
+    exit_status: int | None = None
+    detail: str = ""
+    finished_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state.value, "exit_status": self.exit_status,
+                "detail": self.detail, "finished_at": self.finished_at}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReplicaStatus:
+        return cls(ReplicaState(data["state"]), data.get("exit_status"),
+                   str(data.get("detail", "")), data.get("finished_at"))
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica as recorded in ``replica.json``."""
+
+    id: str
+    name: str
+    dir: Path
+    config: ReplicaConfig
+    created_at: str
+    driver: str
+    accel: str | None = None
+    guest_ip: str | None = None
+    tap: str | None = None
+    pid: int | None = None
+    pid_start_time: int | None = None
+    started_at: str | None = None
+    log_offset: int = 0
+    argv: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> Replica:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "id": self.id, "name": self.name, "driver": self.driver,
+            "created_at": self.created_at, "started_at": self.started_at,
+            "image": c.image.to_json(), "cpus": c.cpus, "memory_mib": c.memory_mib,
+            "ports": [p.to_json() for p in c.ports], "accel_requested": c.accel,
+            "network": c.network, "accel": self.accel, "guest_ip": self.guest_ip,
+            "tap": self.tap, "pid": self.pid, "pid_start_time": self.pid_start_time,
+            "log_offset": self.log_offset, "argv": list(self.argv), "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> Replica:
+        config = ReplicaConfig(
+            image=ImageRef.from_json(data["image"]), name=data["name"],
+            cpus=int(data["cpus"]), memory_mib=int(data["memory_mib"]),
+            ports=tuple(PortMapping.from_json(p) for p in data.get("ports", [])),
+            accel=str(data.get("accel_requested", "auto")), network=str(data.get("network", "user")),
+        )
+        return cls(
+            id=str(data["id"]), name=str(data["name"]), dir=directory, config=config,
+            created_at=str(data["created_at"]), driver=str(data["driver"]),
+            accel=data.get("accel"), guest_ip=data.get("guest_ip"), tap=data.get("tap"),
+            pid=data.get("pid"), pid_start_time=data.get("pid_start_time"),
+            started_at=data.get("started_at"), log_offset=int(data.get("log_offset", 0)),
+            argv=tuple(data.get("argv", [])), extra=dict(data.get("extra", {})),
+        )
