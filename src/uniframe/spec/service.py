@@ -1,0 +1,256 @@
+"""``kind: InferenceService``: one model served over OIP v2, built into an image by uniframe.
+
+The spec names *what* to serve and *how much* of it; everything about *how*
+(which kernel options, which files in the initramfs) is the builder's job. The
+few build options here (``kernel``, ``image.compression``) exist for users who
+must pin them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    model_validator,
+)
+
+from uniframe.spec.common import (
+    BaseSpec,
+    EnvVars,
+    LocalPath,
+    Port,
+    Resources,
+    Runtime,
+    Size,
+    StrictModel,
+    UrlPath,
+)
+from uniframe.spec.units import parse_count_or_percent
+
+ModelFormat = Literal["onnx", "sklearn"]
+"""``sklearn`` is a pickled or joblib-dumped estimator, converted to ONNX at build time."""
+
+_FORMAT_BY_SUFFIX: dict[str, ModelFormat] = {
+    ".onnx": "onnx", ".pkl": "sklearn", ".pickle": "sklearn", ".joblib": "sklearn",
+}
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _model_name(value: str) -> str:
+    if not _MODEL_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a model name: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _model_version(value: object) -> int | str:
+    """Registry versions are numbers (``3``) or labels (``"2024-05"``); a YAML float is a typo."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"{value} is not a version: versions start at 1")
+        return value
+    if isinstance(value, str) and _MODEL_NAME.fullmatch(value):
+        return value
+    if isinstance(value, float):
+        raise ValueError(
+            f"{value} is not a version: YAML read a decimal number; use a whole number, "
+            "or quote the version as text (e.g. version: '1.10')"
+        )
+    raise ValueError(f"{value!r} is not a version: use a whole number (3) or a label ('2024-05')")
+
+
+class RegistryModel(StrictModel):
+    """A model from the model registry, pinned to one version so a rebuild gives the same image."""
+
+    name: Annotated[str, AfterValidator(_model_name)]
+    version: Annotated[int | str, PlainValidator(_model_version)]
+    format: ModelFormat | None = Field(
+        default=None, description="the registry records it; give it only to insist"
+    )
+
+
+def _local_model(value: object) -> object:
+    if isinstance(value, str):
+        if value.startswith("file://"):
+            return value.removeprefix("file://")
+        if "://" in value:
+            raise ValueError(
+                f"{value!r}: only local model files are supported; download it and use "
+                "uri: ./model.onnx, or use a registry model {name, version}"
+            )
+    return value
+
+
+class FileModel(StrictModel):
+    """A model file next to the spec; the builder copies it into the image."""
+
+    uri: Annotated[LocalPath, BeforeValidator(_local_model)] = Field(
+        description="a model file, relative to the spec file, e.g. ./iris.onnx"
+    )
+    format: ModelFormat = "onnx"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_from_suffix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "format" not in data and isinstance(data.get("uri"), str):
+            suffix = Path(data["uri"]).suffix.lower()
+            if suffix not in _FORMAT_BY_SUFFIX:
+                raise ValueError(
+                    f"cannot tell the format of {data['uri']!r} from its name; "
+                    "add format: onnx or format: sklearn"
+                )
+            data = {**data, "format": _FORMAT_BY_SUFFIX[suffix]}
+        return data
+
+
+def _model_kind(value: Any) -> str | None:
+    if isinstance(value, FileModel):
+        return "file"
+    if isinstance(value, RegistryModel):
+        return "registry"
+    if isinstance(value, dict):
+        return "file" if "uri" in value else "registry"
+    return None
+
+
+def _model_shorthand(value: Any) -> Any:
+    """Accept ``iris@3`` for ``{name: iris, version: 3}`` and catch the likely mix-ups early."""
+    if isinstance(value, str):
+        name, at, version = value.rpartition("@")
+        if at and name and version:
+            return {"name": name, "version": int(version) if version.isdigit() else version}
+        if "/" in value or Path(value).suffix.lower() in _FORMAT_BY_SUFFIX:
+            raise ValueError(f"{value!r} looks like a file; write model: {{uri: {value}}}")
+        raise ValueError(
+            f"{value!r} has no version; write name@version (e.g. {value}@1), "
+            "{name, version} or {uri: ./model.onnx}"
+        )
+    if isinstance(value, dict) and "uri" in value and "name" in value:
+        raise ValueError(
+            "give either uri (a local file) or name and version (a registry model), not both"
+        )
+    return value
+
+
+ModelRef = Annotated[
+    Annotated[RegistryModel, Tag("registry")] | Annotated[FileModel, Tag("file")],
+    Discriminator(
+        _model_kind,
+        custom_error_type="model_ref",
+        custom_error_message=(
+            "expected a model: {uri: ./model.onnx}, {name: iris, version: 3} or iris@3"
+        ),
+    ),
+    BeforeValidator(_model_shorthand),
+]
+
+
+class Autoscaling(StrictModel):
+    """Scale on in-flight requests per replica; ``min: 0`` lets an idle service sleep."""
+
+    min: int = Field(default=0, ge=0)
+    max: int = Field(ge=1, description="the most replicas to run, e.g. max: 4")
+    target_concurrency: float = Field(default=4, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Autoscaling:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max}); lower min or raise max")
+        return self
+
+
+CountOrPercent = Annotated[int | str, PlainValidator(parse_count_or_percent)]
+
+
+class Canary(StrictModel):
+    traffic_percent: int = Field(ge=0, le=100, description="share of requests for the new version")
+
+
+class Rollout(StrictModel):
+    strategy: Literal["rolling", "canary"] = "rolling"
+    max_surge: CountOrPercent = 1
+    max_unavailable: CountOrPercent = 0
+    canary: Canary | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rollout:
+        if self.max_surge in (0, "0%") and self.max_unavailable in (0, "0%"):
+            raise ValueError(
+                "maxSurge and maxUnavailable are both 0, so no replica could ever be replaced; "
+                "raise one of them"
+            )
+        if self.strategy == "canary" and self.canary is None:
+            raise ValueError("strategy canary needs canary: {trafficPercent: 10} (any 0..100)")
+        if self.strategy != "canary" and self.canary is not None:
+            raise ValueError("canary settings apply only with strategy: canary")
+        return self
+
+
+class ServiceHealthCheck(StrictModel):
+    path: UrlPath = "/v2/health/ready"
+    period_seconds: float = Field(default=10, gt=0)
+    timeout_seconds: float = Field(default=1, gt=0)
+    failure_threshold: int = Field(default=3, ge=1)
+
+
+class Server(StrictModel):
+    """Knobs of the model server inside the image (``uniframe.serve``)."""
+
+    threads: int = Field(default=1, ge=1)
+    max_body_size: Size = 64 * 1024**2
+
+
+class ImageOptions(StrictModel):
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
+
+
+class InferenceServiceSpec(StrictModel):
+    model: ModelRef = Field(
+        description="add e.g. model: {uri: ./model.onnx} or model: {name: iris, version: 3}"
+    )
+    runtime: Runtime = "unikernel"
+    resources: Resources = Field(default_factory=Resources)
+    replicas: int | None = Field(default=None, ge=0)
+    autoscaling: Autoscaling | None = None
+    rollout: Rollout = Field(default_factory=Rollout)
+    port: Port = 8080
+    env: EnvVars = Field(default_factory=dict)
+    health_check: ServiceHealthCheck = Field(default_factory=ServiceHealthCheck)
+    server: Server = Field(default_factory=Server)
+    kernel: LocalPath | None = None
+    image: ImageOptions = Field(default_factory=ImageOptions)
+
+    @model_validator(mode="after")
+    def _scaling(self) -> InferenceServiceSpec:
+        """Fixed ``replicas`` and ``autoscaling`` contradict each other; neither means one replica."""
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either replicas or autoscaling, not both")
+        if self.replicas is None and self.autoscaling is None:
+            self.replicas = 1
+        if self.kernel is not None and self.runtime in ("container", "process"):
+            raise ValueError(f"kernel applies to runtimes unikernel and vm, not {self.runtime}")
+        return self
+
+
+class InferenceService(BaseSpec):
+    kind: Literal["InferenceService"]
+    spec: InferenceServiceSpec = Field(description="add the spec: mapping, with at least model")
+
+    def local_paths(self) -> dict[str, Path]:
+        """Files the spec refers to, by field path, for a builder to read or a linter to check."""
+        paths: dict[str, Path] = {}
+        if isinstance(self.spec.model, FileModel):
+            paths["spec.model.uri"] = self.spec.model.uri
+        if self.spec.kernel is not None:
+            paths["spec.kernel"] = self.spec.kernel
+        return paths

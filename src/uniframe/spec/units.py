@@ -1,0 +1,60 @@
+"""Quantities written the way Kubernetes users already write them.
+
+Memory and body sizes accept binary (``Ki``, ``Mi``, ``Gi``, ``Ti``) and
+decimal (``k``/``K``, ``M``, ``G``, ``T``) suffixes, or a plain number of
+bytes. ``256Mb`` is refused rather than guessed: ``b`` reads as bits to some
+people and bytes to others, and a spec must mean one thing.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<suffix>[A-Za-z]*)")
+_MULTIPLIERS = {
+    "": 1,
+    "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
+}
+_PERCENT = re.compile(r"(?P<number>[0-9]+)%")
+
+
+def parse_size(value: object) -> int:
+    """Return ``value`` in bytes; raise ``ValueError`` with a message for people."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a size, use e.g. 256Mi")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value.strip())
+        if match is None or match["suffix"] not in _MULTIPLIERS:
+            raise ValueError(f"{value!r} is not a size, use e.g. 256Mi")
+        exact = float(match["number"]) * _MULTIPLIERS[match["suffix"]]
+        if exact != int(exact):
+            raise ValueError(f"{value!r} is not a whole number of bytes, use e.g. 256Mi")
+        size = int(exact)
+    if size <= 0:
+        raise ValueError(f"{value!r} must be more than 0 bytes, use e.g. 256Mi")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The shortest exact binary spelling of ``size``, e.g. ``268435456`` -> ``256Mi``."""
+    for suffix in ("Ti", "Gi", "Mi", "Ki"):
+        unit = _MULTIPLIERS[suffix]
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def parse_count_or_percent(value: object) -> int | str:
+    """A replica count (``1``) or a share of the replicas (``"25%"``), as Kubernetes rollouts take."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} must be 0 or more")
+        return value
+    if isinstance(value, str):
+        match = _PERCENT.fullmatch(value.strip())
+        if match is not None and int(match["number"]) <= 100:
+            return f"{int(match['number'])}%"
+    raise ValueError(f"{value!r} is not a count or a percentage, use e.g. 1 or 25%")
