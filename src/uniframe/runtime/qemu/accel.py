@@ -17,11 +17,13 @@ message on the console proves the kernel ran just as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -123,9 +125,10 @@ def probe_initramfs() -> bytes | None:
         return None
 
 
-def probe(qemu: str, kernel: Path, accel: str = "kvm", deadline: float = PROBE_DEADLINE_S) -> ProbeResult:
+def probe(qemu: str, kernel: Path, accel: str = "kvm", deadline: float | None = None) -> ProbeResult:
     """Boot the probe guest under ``accel``; it works if the marker shows before ``deadline``."""
     started = time.monotonic()
+    deadline = deadline or PROBE_DEADLINE_S
     with tempfile.TemporaryDirectory(prefix="uniframe-probe-") as tmp:
         initramfs = probe_initramfs()
         initrd: Path | None = None
@@ -165,8 +168,8 @@ def _watch(argv: list[str], marker: str, deadline: float, started: float) -> Pro
                 if marker.encode() in seen:
                     return ProbeResult(True, "probe guest booted", time.monotonic() - started)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
 

@@ -277,24 +277,44 @@ class QemuMicroVMDriver:
             time.sleep(0.05)
         return self._status(replica)
 
-    def send_console(self, ref: str, data: bytes) -> None:
-        """Type ``data`` on the guest's serial console."""
-        replica = self.get(ref)
+    def _type_on_console(self, replica: Replica, data: bytes, linger: float) -> ReplicaStatus | None:
+        """Type ``data`` on the guest's serial console, staying connected for ``linger`` s.
+
+        QEMU's UART takes input only as fast as the guest drains its FIFO and
+        drops what is still unread when the client hangs up, so the connection
+        stays open (its copy of the console output read and discarded) until
+        the replica stops or ``linger`` passes. Returns the status if it stopped.
+        """
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(2.0)
             sock.connect(str(replica.dir / CONSOLE_SOCK))
             sock.sendall(data)
+            sock.setblocking(False)
+            deadline = time.monotonic() + linger
+            while self._running(replica):
+                with contextlib.suppress(BlockingIOError):
+                    if not sock.recv(65536):
+                        break
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.05)
+        return self._status(replica) if self._wait_gone(replica, 1.0) else None
+
+    def send_console(self, ref: str, data: bytes, linger: float = 1.0) -> None:
+        """Type ``data`` on the guest's serial console."""
+        self._type_on_console(self.get(ref), data, linger)
 
     def stop(self, ref: str, timeout: float = 10.0) -> ReplicaStatus:
         """Shutdown line on the console, wait ``timeout``; then QMP ``quit``; then SIGKILL."""
         replica = self.get(ref)
         if not self._running(replica):
             return self._status(replica)
-        with contextlib.suppress(OSError):
-            self.send_console(replica.id, SHUTDOWN_LINE)
-        status = self.wait(replica.id, timeout)
-        if status.state is not ReplicaState.RUNNING:
-            return status
+        try:
+            stopped = self._type_on_console(replica, SHUTDOWN_LINE, timeout)
+        except OSError:
+            stopped = self.wait(replica.id, timeout)
+        if stopped is not None and stopped.state is not ReplicaState.RUNNING:
+            return stopped
         with contextlib.suppress(QmpError):
             Qmp(replica.dir / QMP_SOCK, timeout=2.0).quit()
         if self._wait_gone(replica, 3.0):
