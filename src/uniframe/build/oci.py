@@ -1,0 +1,810 @@
+"""OCI images and runtime bundles: how a root directory becomes a container.
+
+Three formats meet here, all from the Open Container Initiative specs:
+
+- the *image layout* (``oci-layout``, ``index.json``, ``blobs/sha256/``): what
+  users bring (``skopeo copy ... oci:DIR``, ``docker save`` since 25, or a
+  ``.tar`` of such a directory) and what :func:`write_image_layout` makes from
+  a root directory (a traced closure, a debootstrap tree);
+- the *layers* inside it: tar streams applied in order, where a ``.wh.NAME``
+  entry deletes ``NAME`` from the layers below and ``.wh..wh..opq`` empties a
+  directory of them;
+- the *runtime bundle* runc runs: ``rootfs/`` plus ``config.json``.
+
+Our own layers are made deterministically (names sorted, mtime 0, owner root,
+gzip without timestamp), so the same root gives the same digest on any machine
+and the digest can key caches. Unpacking resolves every path inside the root
+the way the container will (an absolute symlink points into the rootfs, not to
+the host), so a hostile layer cannot write outside the bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from uniframe.build.store import Image, ImageStore, finalize_manifest
+from uniframe.errors import BuildError, ImageError
+
+LAYOUT_VERSION = "1.0.0"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+# Docker's media types, which ``docker save`` still writes inside OCI layouts.
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+_GZIP_LAYERS = {MT_LAYER_GZIP, MT_DOCKER_LAYER}
+_PLAIN_LAYERS = {MT_LAYER_TAR, "application/vnd.docker.image.rootfs.diff.tar"}
+_INDEXES = {MT_INDEX, MT_DOCKER_LIST}
+_MANIFESTS = {MT_MANIFEST, MT_DOCKER_MANIFEST}
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+REF_NAME = "org.opencontainers.image.ref.name"
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+# -- image configuration ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The parts of an OCI image configuration that decide how the container runs."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    user: str = ""
+    exposed_ports: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return (*self.entrypoint, *self.cmd)
+
+    def to_oci(self) -> dict[str, Any]:
+        env = dict(self.env)
+        env.setdefault("PATH", DEFAULT_PATH)
+        out: dict[str, Any] = {"Env": [f"{k}={v}" for k, v in env.items()],
+                               "WorkingDir": self.workdir or "/"}
+        if self.entrypoint:
+            out["Entrypoint"] = list(self.entrypoint)
+        if self.cmd:
+            out["Cmd"] = list(self.cmd)
+        if self.user:
+            out["User"] = self.user
+        if self.exposed_ports:
+            out["ExposedPorts"] = {_port_key(p): {} for p in self.exposed_ports}
+        if self.labels:
+            out["Labels"] = dict(self.labels)
+        return out
+
+    @classmethod
+    def from_oci(cls, config: Mapping[str, Any]) -> ImageConfig:
+        env: dict[str, str] = {}
+        for item in config.get("Env") or []:
+            key, _, value = str(item).partition("=")
+            env[key] = value
+        return cls(
+            entrypoint=tuple(str(a) for a in config.get("Entrypoint") or ()),
+            cmd=tuple(str(a) for a in config.get("Cmd") or ()),
+            env=env, workdir=str(config.get("WorkingDir") or "/"), user=str(config.get("User") or ""),
+            exposed_ports=tuple(sorted(config.get("ExposedPorts") or {})),
+            labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
+        )
+
+
+def _port_key(port: str | int) -> str:
+    text = str(port)
+    return text if "/" in text else f"{text}/tcp"
+
+
+# -- writing a layout --------------------------------------------------------
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to ``sink``."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self.sink = sink
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.size += len(view)
+        self.sink.write(view)
+        return len(view)
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes what is read from ``source``."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha.update(data)
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _walk_sorted(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry[str]]]:
+    with os.scandir(root / rel if rel else root) as it:
+        entries = sorted(it, key=lambda e: e.name.encode("utf-8", "surrogateescape"))
+    for entry in entries:
+        path = f"{rel}/{entry.name}" if rel else entry.name
+        yield path, entry
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(root, path)
+
+
+def write_layer(root: Path, out: IO[bytes], *, keep_owners: bool = False) -> tuple[str, str, int]:
+    """Write ``root`` as one gzip layer to ``out``; returns (diff id, blob digest, blob size).
+
+    Device nodes and sockets are left out: a container's ``/dev`` is a fresh
+    tmpfs and a socket only means something to the process that bound it.
+    """
+    if not root.is_dir():
+        raise BuildError(f"cannot make a layer: {root} is not a directory")
+    blob = _HashingWriter(out)
+    with gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6) as gz:
+        diff = _HashingWriter(gz)  # type: ignore[arg-type]
+        with tarfile.open(fileobj=diff, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for rel, entry in _walk_sorted(root):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                    continue
+                info = tar.gettarinfo(entry.path, arcname=rel)
+                info.mtime = 0
+                if not keep_owners:
+                    info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if info.isreg():
+                    with open(entry.path, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    tar.addfile(info)
+    return "sha256:" + diff.sha.hexdigest(), "sha256:" + blob.sha.hexdigest(), blob.size
+
+
+def _put_blob(layout: Path, data: bytes) -> dict[str, Any]:
+    digest = hashlib.sha256(data).hexdigest()
+    path = layout / "blobs" / "sha256" / digest
+    path.write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_image_layout(
+    root: Path,
+    out: Path,
+    *,
+    entrypoint: Sequence[str],
+    cmd: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    workdir: str = "/",
+    user: str = "",
+    exposed_ports: Sequence[str | int] = (),
+    labels: Mapping[str, str] | None = None,
+    ref_name: str | None = None,
+    keep_owners: bool = False,
+) -> str:
+    """Write an OCI image layout of ``root`` (one layer) at ``out``; returns the manifest digest.
+
+    ``out`` must be missing, empty, or an earlier layout (it is replaced). The
+    layout is built beside it and renamed into place, so a failed build never
+    leaves a half-written image that later looks valid.
+    """
+    if out.exists() and any(out.iterdir()) and not (out / "oci-layout").is_file():
+        raise BuildError(f"{out} exists and is not an OCI image layout; pick an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        blobs = tmp / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        layer_tmp = blobs / ".layer"
+        with layer_tmp.open("wb") as fh:
+            diff_id, layer_digest, layer_size = write_layer(root, fh, keep_owners=keep_owners)
+        layer_tmp.rename(blobs / layer_digest.removeprefix("sha256:"))
+        image = ImageConfig(entrypoint=tuple(entrypoint), cmd=tuple(cmd), env=dict(env or {}),
+                            workdir=workdir, user=user,
+                            exposed_ports=tuple(_port_key(p) for p in exposed_ports),
+                            labels=dict(labels or {}))
+        config = {
+            "created": "1970-01-01T00:00:00Z", "architecture": "amd64", "os": "linux",
+            "config": image.to_oci(),
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "uniframe: root directory"}],
+        }
+        config_desc = {"mediaType": MT_CONFIG, **_put_blob(tmp, _json_bytes(config))}
+        manifest = {
+            "schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc,
+            "layers": [{"mediaType": MT_LAYER_GZIP, "digest": layer_digest, "size": layer_size}],
+        }
+        if labels:
+            manifest["annotations"] = dict(labels)
+        manifest_desc: dict[str, Any] = {"mediaType": MT_MANIFEST, **_put_blob(tmp, _json_bytes(manifest)),
+                                         "platform": {"architecture": "amd64", "os": "linux"}}
+        if ref_name:
+            manifest_desc["annotations"] = {REF_NAME: ref_name}
+        index = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [manifest_desc]}
+        (tmp / "index.json").write_bytes(_json_bytes(index))
+        (tmp / "oci-layout").write_bytes(_json_bytes({"imageLayoutVersion": LAYOUT_VERSION}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(manifest_desc["digest"])
+
+
+def add_layout_to_store(layout: Path, name: str | None = None, store: ImageStore | None = None) -> Image:
+    """Put an OCI layout into the image store as an image of kind ``oci``.
+
+    The store's ``manifest.json`` sits beside the layout's own files (OCI
+    readers ignore it) and records the sha256 of each, so the store digest
+    covers every byte of the image, like for unikernel images.
+    """
+    read = read_layout(layout)
+    store = store or ImageStore()
+    staging = store.staging_dir()
+    try:
+        files: dict[str, Any] = {}
+        for src in sorted(p for p in layout.rglob("*") if p.is_file()):
+            rel = src.relative_to(layout).as_posix()
+            if rel in ("manifest.json", "build.json"):
+                continue
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            files[rel] = {"path": rel}
+        finalize_manifest(staging, {"kind": "oci", "name": name or layout.name,
+                                    "oci_manifest": read.manifest_digest, "files": files})
+        return store.add_dir(staging, name, move=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- reading and validating a layout ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> Descriptor:
+        if not isinstance(data, dict):
+            raise ImageError(f"{where}: a descriptor must be a JSON object")
+        digest, size = data.get("digest"), data.get("size")
+        if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
+            raise ImageError(f"{where}: digest {digest!r} is not sha256:<64 hex>")
+        if not isinstance(size, int) or size < 0:
+            raise ImageError(f"{where}: size {size!r} is not a byte count")
+        return cls(str(data.get("mediaType", "")), digest, size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated OCI image layout: which manifest was chosen, its config and layers."""
+
+    path: Path
+    manifest_digest: str
+    config: ImageConfig
+    layers: tuple[Descriptor, ...]
+    diff_ids: tuple[str, ...]
+
+    def blob(self, digest: str) -> Path:
+        return _blob_path(self.path, digest)
+
+
+def _blob_path(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def _read_blob(layout: Path, desc: Descriptor, what: str) -> bytes:
+    path = _blob_path(layout, desc.digest)
+    if not path.is_file():
+        raise ImageError(f"{layout}: the {what} blob {desc.digest} is missing from blobs/sha256/")
+    data = path.read_bytes()
+    if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+        raise ImageError(f"{layout}: the {what} blob {desc.digest} is damaged (size or sha256 differ)")
+    return data
+
+
+def _read_json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImageError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ImageError(f"{where}: expected a JSON object")
+    return value
+
+
+def _pick(manifests: list[Any], where: str, ref_name: str | None) -> Descriptor:
+    if not isinstance(manifests, list) or not manifests:
+        raise ImageError(f"{where}: 'manifests' is empty; the layout holds no image")
+    if ref_name is not None:
+        named = [m for m in manifests if isinstance(m, dict)
+                 and (m.get("annotations") or {}).get(REF_NAME) == ref_name]
+        if not named:
+            names = sorted({str((m.get("annotations") or {}).get(REF_NAME)) for m in manifests if isinstance(m, dict)})
+            raise ImageError(f"{where}: no image named {ref_name!r} (names: {', '.join(names)})")
+        manifests = named
+    ours = [m for m in manifests if isinstance(m, dict)
+            and (m.get("platform") or {}).get("os", "linux") == "linux"
+            and (m.get("platform") or {}).get("architecture", "amd64") == "amd64"]
+    if not ours:
+        raise ImageError(f"{where}: no linux/amd64 image among {len(manifests)} manifests")
+    return Descriptor.parse(ours[0], where)
+
+
+def read_layout(path: Path, ref_name: str | None = None) -> Layout:
+    """Validate the layout directory at ``path`` and return its (linux/amd64) image.
+
+    Checks what can be checked without unpacking: the marker file, index and
+    manifest JSON, and the digests of the manifest and config blobs. Layer
+    digests are checked while unpacking (:func:`unpack_layers`).
+    """
+    marker = path / "oci-layout"
+    if not path.is_dir():
+        raise ImageError(f"{path}: no such OCI image layout directory")
+    if not marker.is_file():
+        raise ImageError(
+            f"{path} is not an OCI image layout: 'oci-layout' is missing (a layout holds oci-layout, "
+            "index.json and blobs/sha256/; 'skopeo copy docker://IMAGE oci:DIR' or 'docker save' make one)"
+        )
+    version = _read_json(marker.read_bytes(), str(marker)).get("imageLayoutVersion")
+    if not isinstance(version, str) or not version.startswith("1."):
+        raise ImageError(f"{marker}: imageLayoutVersion {version!r} is not supported (want 1.x)")
+    index_path = path / "index.json"
+    if not index_path.is_file():
+        raise ImageError(f"{path} is not an OCI image layout: 'index.json' is missing")
+    index = _read_json(index_path.read_bytes(), str(index_path))
+    desc = _pick(index.get("manifests", []), str(index_path), ref_name)
+    for _ in range(4):  # an index may point at further indexes (multi-platform images)
+        if desc.media_type not in _INDEXES:
+            break
+        nested = _read_json(_read_blob(path, desc, "index"), f"{path}: index {desc.digest}")
+        desc = _pick(nested.get("manifests", []), f"{path}: index {desc.digest}", None)
+    where = f"{path}: manifest {desc.digest}"
+    manifest = _read_json(_read_blob(path, desc, "manifest"), where)
+    media_type = manifest.get("mediaType", desc.media_type or MT_MANIFEST)
+    if media_type not in _MANIFESTS:
+        raise ImageError(f"{where}: media type {media_type!r} is not an image manifest")
+    if manifest.get("schemaVersion") != 2:
+        raise ImageError(f"{where}: schemaVersion {manifest.get('schemaVersion')!r} is not 2")
+    config_desc = Descriptor.parse(manifest.get("config"), f"{where}: config")
+    if config_desc.media_type not in (MT_CONFIG, MT_DOCKER_CONFIG, ""):
+        raise ImageError(f"{where}: config media type {config_desc.media_type!r} is not an image config")
+    config = _read_json(_read_blob(path, config_desc, "config"), f"{path}: config {config_desc.digest}")
+    if config.get("os", "linux") != "linux" or config.get("architecture", "amd64") != "amd64":
+        raise ImageError(f"{path}: the image is for {config.get('os')}/{config.get('architecture')}, "
+                         "this host runs linux/amd64")
+    layers = tuple(Descriptor.parse(d, f"{where}: layer {i}") for i, d in enumerate(manifest.get("layers") or []))
+    for i, layer in enumerate(layers):
+        if layer.media_type not in _GZIP_LAYERS | _PLAIN_LAYERS:
+            raise ImageError(f"{where}: layer {i} has media type {layer.media_type!r}; only tar and "
+                             "tar+gzip layers are supported (re-export the image with gzip layers)")
+        if not _blob_path(path, layer.digest).is_file():
+            raise ImageError(f"{path}: layer {i} blob {layer.digest} is missing from blobs/sha256/")
+    diff_ids = tuple(str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or ())
+    if len(diff_ids) != len(layers):
+        raise ImageError(f"{path}: the config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+    return Layout(path, desc.digest, ImageConfig.from_oci(config.get("config") or {}), layers, diff_ids)
+
+
+@contextlib.contextmanager
+def opened_layout(path: Path) -> Iterator[Path]:
+    """A layout directory for ``path``, which may also be a ``.tar`` of one (unpacked to a temp dir)."""
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise ImageError(f"{path}: no such OCI image layout (a directory or a .tar of one)")
+    if not tarfile.is_tarfile(path):
+        raise ImageError(f"{path} is neither an OCI layout directory nor a tar archive of one")
+    with tempfile.TemporaryDirectory(prefix="uniframe-oci-") as tmp, tarfile.open(path) as tar:
+        for member in tar:
+            name = _clean_name(member.name, str(path))
+            if not name:
+                continue
+            if member.isdir():
+                (Path(tmp) / name).mkdir(parents=True, exist_ok=True)
+            elif member.isreg():
+                dest = Path(tmp) / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with src, dest.open("wb") as fh:
+                    shutil.copyfileobj(src, fh)
+        yield Path(tmp)
+
+
+def load_layout(path: Path, rootfs: Path, ref_name: str | None = None) -> Layout:
+    """Validate the layout (directory or ``.tar``) at ``path`` and unpack its layers into ``rootfs``."""
+    with opened_layout(path) as directory:
+        layout = read_layout(directory, ref_name)
+        unpack_layers(layout, rootfs)
+        return Layout(path, layout.manifest_digest, layout.config, layout.layers, layout.diff_ids)
+
+
+# -- unpacking layers --------------------------------------------------------
+
+
+def _clean_name(name: str, where: str) -> str:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ImageError(f"{where}: entry {name!r} climbs out of the root with '..'; the image is unsafe")
+    return "/".join(parts)
+
+
+def _resolve(root: Path, rel: str, *, create: bool) -> Path:
+    """``rel`` inside ``root`` with every symlink followed as if ``root`` were ``/``."""
+    current = root
+    pending = [p for p in rel.split("/") if p not in ("", ".")]
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ImageError(f"too many symlinks while resolving {rel!r} in {root}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = root
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        if not candidate.exists() and create:
+            candidate.mkdir(mode=0o755)
+        current = candidate
+    return current
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _hide_lower(directory: Path, rel: str, created: set[str]) -> None:
+    """Apply an opaque whiteout: drop what lower layers put under ``directory``."""
+    if not directory.is_dir():
+        return
+    for child in list(directory.iterdir()):
+        child_rel = f"{rel}/{child.name}" if rel else child.name
+        if child_rel not in created:
+            _remove(child)
+        elif child.is_dir() and not child.is_symlink():
+            _hide_lower(child, child_rel, created)
+
+
+def _apply_attrs(path: Path, member: tarfile.TarInfo, is_root: bool) -> None:
+    if is_root:
+        os.lchown(path, member.uid, member.gid)
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)  # after chown, which clears setuid bits
+    with contextlib.suppress(OSError):
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, name: str,
+                    is_root: bool) -> None:
+    parent_rel, _, base = name.rpartition("/")
+    target = _resolve(root, parent_rel, create=True) / base
+    existing_dir = target.is_dir() and not target.is_symlink()
+    if member.isdir():
+        if os.path.lexists(target) and not existing_dir:
+            target.unlink()
+        if not existing_dir:
+            target.mkdir(mode=0o700)
+        _apply_attrs(target, member, is_root)
+        return
+    if os.path.lexists(target):
+        _remove(target)
+    if member.isreg():
+        src = tar.extractfile(member)
+        assert src is not None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with src, os.fdopen(fd, "wb") as fh:
+            shutil.copyfileobj(src, fh, 1 << 20)
+    elif member.issym():
+        os.symlink(member.linkname, target)
+    elif member.islnk():
+        link_name = _clean_name(member.linkname, name)
+        lparent, _, lbase = link_name.rpartition("/")
+        source = _resolve(root, lparent, create=False) / lbase
+        if not os.path.lexists(source):
+            raise ImageError(f"layer entry {name!r} is a hard link to {member.linkname!r}, which is missing")
+        os.link(source, target, follow_symlinks=False)
+        return
+    elif member.isfifo():
+        os.mkfifo(target)
+    elif member.ischr() or member.isblk():
+        if not is_root:
+            return
+        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+    else:
+        return
+    _apply_attrs(target, member, is_root)
+
+
+def _apply_layer(stream: IO[bytes], root: Path, where: str) -> None:
+    is_root = os.geteuid() == 0
+    created: set[str] = set()
+    dirs: list[tuple[Path, tarfile.TarInfo]] = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            name = _clean_name(member.name, where)
+            if not name:
+                continue
+            parent_rel, _, base = name.rpartition("/")
+            if base == OPAQUE:
+                _hide_lower(_resolve(root, parent_rel, create=True), parent_rel, created)
+                continue
+            if base.startswith(WHITEOUT):
+                victim = _resolve(root, parent_rel, create=False) / base[len(WHITEOUT):]
+                if os.path.lexists(victim):
+                    _remove(victim)
+                continue
+            _extract_member(tar, member, root, name, is_root)
+            created.add(name)
+            if member.isdir():
+                dirs.append((_resolve(root, name, create=False), member))
+    for path, member in reversed(dirs):  # directory mtimes last: filling them changed them
+        with contextlib.suppress(OSError):
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def unpack_layers(layout: Layout, rootfs: Path) -> None:
+    """Apply the layout's layers in order into ``rootfs`` (created; must be empty), checking digests."""
+    if rootfs.exists() and any(rootfs.iterdir()):
+        raise BuildError(f"cannot unpack an image into {rootfs}: the directory is not empty")
+    rootfs.mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs, 0o755)
+    for i, (layer, diff_id) in enumerate(zip(layout.layers, layout.diff_ids, strict=True)):
+        where = f"{layout.path}: layer {i} ({layer.digest})"
+        with layout.blob(layer.digest).open("rb") as raw_file:
+            raw = _HashingReader(raw_file)
+            buffered = io.BufferedReader(raw, 1 << 20)
+            decompressed: IO[bytes] = (gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
+                                       if layer.media_type in _GZIP_LAYERS else buffered)
+            diff = _HashingReader(decompressed)
+            try:
+                _apply_layer(io.BufferedReader(diff, 1 << 20), rootfs, where)
+                diff.drain()
+                raw.drain()
+            except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
+                raise ImageError(f"{where}: cannot unpack: {exc}") from None
+        if "sha256:" + raw.sha.hexdigest() != layer.digest:
+            raise ImageError(f"{where}: the blob's sha256 does not match its digest; the layer is damaged")
+        if "sha256:" + diff.sha.hexdigest() != diff_id:
+            raise ImageError(f"{where}: the unpacked layer does not match diff_id {diff_id}; the image is damaged")
+
+
+# -- runtime bundles ---------------------------------------------------------
+
+MINIMAL_CAPABILITIES = ("CAP_NET_BIND_SERVICE",)
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                "/sys/firmware")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class BindMount:
+    source: Path
+    destination: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How one container of an image runs: isolation and limits, beside what the image says.
+
+    ``netns`` is the path of a named network namespace to join (``ip netns
+    add`` makes ``/run/netns/NAME``); ``None`` gives the container a new empty
+    one (loopback only) and ``host_network`` shares the host's.
+    """
+
+    hostname: str = "uniframe"
+    readonly_rootfs: bool = False
+    netns: Path | None = None
+    host_network: bool = False
+    cgroups_path: str | None = None
+    cpus: float | None = None
+    memory_mib: int | None = None
+    pids_limit: int | None = 4096
+    args: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[BindMount, ...] = ()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    dir: Path
+    image: ImageConfig
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+
+def _user_ids(user: str, rootfs: Path) -> tuple[int, int]:
+    """``uid[:gid]`` or ``name[:group]`` looked up in the image's own passwd and group files."""
+    if not user:
+        return 0, 0
+    name, _, group = user.partition(":")
+
+    def lookup(file: str, key: str, col: int) -> int | None:
+        if key.isdigit():
+            return int(key)
+        with contextlib.suppress(OSError):
+            for line in (rootfs / "etc" / file).read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) > col and fields[0] == key:
+                    return int(fields[col])
+        return None
+
+    uid = lookup("passwd", name, 2)
+    if uid is None:
+        raise ImageError(f"the image runs as user {name!r}, which is not in its /etc/passwd")
+    if group:
+        gid = lookup("group", group, 2)
+        if gid is None:
+            raise ImageError(f"the image runs as group {group!r}, which is not in its /etc/group")
+    else:
+        gid = lookup("passwd", name, 3) if not name.isdigit() else None
+        gid = 0 if gid is None else gid
+    return uid, gid
+
+
+def runtime_config(image: ImageConfig, options: RuntimeOptions, rootfs: Path) -> dict[str, Any]:
+    """runc's ``config.json`` (OCI runtime spec 1.0) for ``image`` under ``options``."""
+    args = list(options.args if options.args is not None else image.args)
+    if not args:
+        raise ImageError("the image has neither Entrypoint nor Cmd: there is nothing to run "
+                         "(give the command to run explicitly)")
+    env = {"PATH": DEFAULT_PATH, **image.env, **options.env, "HOSTNAME": options.hostname}
+    uid, gid = _user_ids(image.user, rootfs)
+    caps = list(MINIMAL_CAPABILITIES)
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
+    ]
+    for bind in options.mounts:
+        mounts.append({"destination": bind.destination, "type": "bind", "source": str(bind.source),
+                       "options": ["rbind", "nosuid", "nodev", "ro" if bind.readonly else "rw"]})
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if not options.host_network:
+        net: dict[str, str] = {"type": "network"}
+        if options.netns is not None:
+            net["path"] = str(options.netns)
+        namespaces.append(net)
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if options.cpus is not None:
+        resources["cpu"] = {"quota": int(options.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+    if options.memory_mib is not None:
+        resources["memory"] = {"limit": options.memory_mib << 20}
+    if options.pids_limit is not None:
+        resources["pids"] = {"limit": options.pids_limit}
+    linux: dict[str, Any] = {
+        "namespaces": namespaces, "resources": resources,
+        "maskedPaths": list(MASKED_PATHS), "readonlyPaths": list(READONLY_PATHS),
+    }
+    if options.cgroups_path:
+        linux["cgroupsPath"] = options.cgroups_path
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False, "user": {"uid": uid, "gid": gid}, "args": args,
+            "env": [f"{k}={v}" for k, v in env.items()], "cwd": image.workdir or "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": options.readonly_rootfs},
+        "hostname": options.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def write_bundle_config(bundle: Bundle, options: RuntimeOptions) -> Path:
+    """(Re)write ``config.json`` for ``options``; the rootfs stays as it is."""
+    config = runtime_config(bundle.image, options, bundle.rootfs)
+    tmp = bundle.config_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, bundle.config_path)
+    return bundle.config_path
+
+
+def bundle_from_layout(layout: Path, bundle_dir: Path, options: RuntimeOptions | None = None,
+                       ref_name: str | None = None) -> Bundle:
+    """A runc bundle (``rootfs/`` + ``config.json``) from an OCI layout directory or ``.tar``."""
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    read = load_layout(layout, bundle_dir / "rootfs", ref_name)
+    bundle = Bundle(bundle_dir, read.config)
+    write_bundle_config(bundle, options or RuntimeOptions())
+    return bundle
+
+
+def bundle_from_root(root: Path, bundle_dir: Path, *, entrypoint: Sequence[str], cmd: Sequence[str] = (),
+                     env: Mapping[str, str] | None = None, workdir: str = "/", user: str = "",
+                     options: RuntimeOptions | None = None) -> Bundle:
+    """A runc bundle from a root directory, copied as it is (no layer round trip)."""
+    if not root.is_dir():
+        raise BuildError(f"cannot make a bundle: {root} is not a directory")
+    rootfs = bundle_dir / "rootfs"
+    if rootfs.exists():
+        raise BuildError(f"{rootfs} already exists; give a new bundle directory")
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", str(root), str(rootfs)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"copying {root} into the bundle failed: {proc.stderr.strip()}")
+    image = ImageConfig(entrypoint=tuple(entrypoint), cmd=tuple(cmd), env=dict(env or {}),
+                        workdir=workdir, user=user)
+    bundle = Bundle(bundle_dir, image)
+    write_bundle_config(bundle, options or RuntimeOptions())
+    return bundle
