@@ -142,11 +142,11 @@ def run_tracer(
                 f"record.{_tail(log)}\nCheck that `{shown}` runs on this host."
             )
         record = TraceRecord.from_dict(json.loads(out.read_text(encoding="utf-8")))
-    if ready_url is None and record.exit_code != 0:
-        raise BuildError(
-            f"tracing `{shown}` failed: the app exited with code {record.exit_code}."
-            f"{_tail(log)}\nCheck that `{shown}` succeeds on this host."
-        )
+        if ready_url is None and record.exit_code != 0:
+            raise BuildError(
+                f"tracing `{shown}` failed: the app exited with code {record.exit_code}."
+                f"{_tail(log)}\nCheck that `{shown}` succeeds on this host."
+            )
     return TraceRun(record, seconds, started_ns)
 
 
