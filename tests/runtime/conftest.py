@@ -9,6 +9,7 @@ builder exists, against the very same console protocol.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,11 @@ HERE = Path(__file__).parent
 def kernel_path() -> Path:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from uniframe.build.kernel import ensure_kernel
+    from uniframe.build.kernel import ensure_kernel, user_kernel
 
+    # UNIFRAME_TEST_KERNEL: iterate against a kernel at hand instead of the cached build.
+    if override := os.environ.get("UNIFRAME_TEST_KERNEL"):
+        return user_kernel(Path(override)).path
     return ensure_kernel().path
 
 
@@ -68,3 +72,10 @@ def driver(state_dir: Path) -> Iterator[QemuMicroVMDriver]:
         if log.exists():
             print(f"--- console of {replica.name} ---\n{log.read_text(errors='replace')[-4000:]}")
         drv.remove(replica.id, force=True)
+
+
+@pytest.fixture
+def dummy_image(tmp_path: Path) -> Path:
+    """A syntactically valid image for argument-error tests, with no real kernel inside
+    (the CLI must reject the arguments before anything boots)."""
+    return make_image(tmp_path / "fakeimg", Path(__file__), b"not run", "UF_PORT=8080")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from uniframe.build.store import ImageStore
 from uniframe.cli.app import app, console, err_console, fail
@@ -141,13 +141,21 @@ def ps(
         return
     if output != "table":
         raise fail(f"-o {output}: use table or json")
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL"):
-        table.add_column(col, no_wrap=True)
-    for r, s in rows:
-        ports = ", ".join(str(p) for p in r.config.ports) or "-"
-        table.add_row(r.id, r.name, r.config.image.ref, _state_text(s), ports, _uptime(r, s), r.accel or "-")
-    console.print(table)
+    header = ("ID", "NAME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL")
+    lines = [header] + [
+        (r.id, r.name, _image_label(r), _state_text(s),
+         ",".join(str(p) for p in r.config.ports) or "-", _uptime(r, s), r.accel or "-")
+        for r, s in rows
+    ]
+    # Plain columns, never truncated: ps output is read by scripts as often as by people.
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("   ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _image_label(replica: Replica) -> str:
+    ref = replica.config.image.ref
+    return Path(ref).name if "/" in ref else ref
 
 
 @app.command()
