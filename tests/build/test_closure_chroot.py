@@ -118,6 +118,7 @@ def test_iris_closure_contents(iris: tuple[Closure, Path]) -> None:
     for part in ("/uniframe/build/", "/uniframe/cli/", "/pydantic/", "/typer/", "/httpx/"):
         assert not [p for p in paths if part in p], part
     assert not [p for p in paths if p.startswith(("/proc/", "/sys/", "/dev/"))]
+    assert not [p for p in paths if ".dist-info/" in p]  # the server reads no metadata
     assert not [p for p in closure.writes if p in paths]
 
 

@@ -27,6 +27,8 @@ os.listdir(os.path.join(here, "somedir"))
 with open(os.path.join(here, "out.log"), "w") as f:
     f.write("written")
 ctypes.CDLL("libz.so.1")
+import importlib.metadata
+importlib.metadata.version("numpy")
 """
 
 
@@ -85,6 +87,8 @@ def test_app_reads_lists_imports_and_dlopens(traced: tuple[Closure, Path]) -> No
     assert kinds[f"{STDLIB}/wave.py"] == "python-module"  # extra_imports
     assert kinds[f"{STDLIB}/encodings/__init__.py"] == "python-module"  # loaded before the hook
     assert kinds[f"{STDLIB}/os.py"] == "python-module"  # frozen, but getpath's landmark
+    metadata = [p for p in kinds if ".dist-info/" in p]
+    assert metadata and all("/numpy-" in p for p in metadata)  # read, so kept; no other
     real_z = os.path.realpath("/lib/x86_64-linux-gnu/libz.so.1")
     assert kinds[real_z] == "shared-lib"
     assert _walk_resolves(closure, "/lib/x86_64-linux-gnu/libz.so.1") == real_z

@@ -124,7 +124,8 @@ def run_tracer(
                 _wait_ready(proc, ready_url, deadline, shown, log)
                 for request in warmup:
                     _warm(request, ready_url, deadline, shown, log)
-                os.write(write_end, b"d")
+                with contextlib.suppress(BrokenPipeError):  # it died: reported below
+                    os.write(write_end, b"d")
             code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise BuildError(
