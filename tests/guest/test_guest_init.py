@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,20 @@ def test_bad_command_line_is_an_init_failure(tmp_path: Path) -> None:
 
 
 def test_threads_and_atexit_run_before_the_exit(tmp_path: Path) -> None:
+    started = time.monotonic()
     code, out = run_process(tmp_path, encode_cmdline("guestapp", ["threads"], console="none"))
+    assert time.monotonic() - started < 8, "an idle thread pool held the exit up to stop_timeout"
     assert code == 0
     reported = out.index("uniframe: app exited with status 0")
     assert reported < out.index("guestapp: thread finished") < out.index("guestapp: atexit ran")
+    assert marker(out) == (0, "exited")
+
+
+def test_a_forked_child_falling_back_into_the_init_just_exits(tmp_path: Path) -> None:
+    code, out = run_process(tmp_path, encode_cmdline("guestapp", ["fork"], console="none"))
+    assert code == 0
+    assert "guestapp: forked child exited with 4\n" in out
+    assert "status 4" not in out
     assert marker(out) == (0, "exited")
 
 

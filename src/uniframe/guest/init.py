@@ -71,8 +71,13 @@ class Finisher:
 
     def __init__(self, machine: bool) -> None:
         self.machine = machine
+        self.pid = os.getpid()
         self._lock = threading.Lock()
         self._announced: ExitReport | None = None
+
+    def in_forked_child(self) -> bool:
+        """True in a child the app forked that has fallen back into the init's code."""
+        return os.getpid() != self.pid
 
     def announce(self, report: ExitReport) -> None:
         """Say how the app ended now, before waiting for its threads; the marker comes last."""
@@ -80,6 +85,10 @@ class Finisher:
         _write("".join(f"{line}\n" for line in report.lines))
 
     def finish(self, report: ExitReport) -> NoReturn:
+        if self.in_forked_child():
+            # Exit like the plain Python process it is: no report, and above all no reboot.
+            _write("")
+            os._exit(report.status)
         self._lock.acquire()  # never released: the first caller ends the process
         if report is self._announced:
             _write(f"{report.marker}\n")
@@ -146,6 +155,8 @@ def main(cmdline_path: str = "/proc/cmdline") -> NoReturn:
         stop.app_finished()
         report = app_report(raised, stop.reason)
         del raised
+        if finisher.in_forked_child():
+            finisher.finish(report)
         finisher.announce(report)
         step = "waiting for the app's threads and exit handlers"
         _wind_down(config.stop_timeout)
@@ -193,11 +204,20 @@ def _ready_line(config: GuestConfig, started: float, machine: bool) -> str:
 
 
 def _wind_down(timeout: float) -> None:
-    """What the interpreter does at exit: join non-daemon threads, then run atexit handlers.
+    """What the interpreter does at exit, since PID 1 never reaches the interpreter's exit.
 
-    Unlike the interpreter, stop waiting for threads after ``timeout``: a
-    thread that never ends must not keep the VM up forever.
+    In ``threading._shutdown``'s order: the callbacks registered with
+    ``threading._register_atexit`` (``concurrent.futures`` uses them to tell
+    idle pool workers to quit), joining non-daemon threads, then the
+    ``atexit`` handlers. Unlike the interpreter, stop waiting for threads after
+    ``timeout``: a thread that never ends must not keep the VM up forever.
+    These are private CPython hooks; ``getattr`` keeps a missing one harmless.
     """
+    for callback in reversed(list(getattr(threading, "_threading_atexits", []))):
+        try:
+            callback()
+        except Exception as exc:
+            say(f"warning: a thread exit callback failed: {exc!r}")
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
         if thread is threading.current_thread() or thread.daemon:

@@ -7,6 +7,7 @@ directory, which the tests put on the init's ``sys.path``.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import json
 import os
 import signal
@@ -83,6 +84,13 @@ def main(argv: list[str]) -> int:
         if len(argv) > 3 and argv[3] == "machine":
             machine()
         return 3
+    if mode == "fork":
+        # A forked child that returns from main() falls back into the init's code.
+        pid = os.fork()
+        if pid == 0:
+            return 4
+        say(f"forked child exited with {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}")
+        return 0
     if mode == "crash":
         raise RuntimeError("boom")
     if mode == "sleep":
@@ -106,9 +114,25 @@ def main(argv: list[str]) -> int:
             say("thread finished")
 
         threading.Thread(target=late).start()
+        # A pool the app forgot to shut down must not hold the exit up.
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        pool.submit(time.sleep, 0.1)
+        pool.submit(time.sleep, 0.1)
+        sys.modules["guestapp_pool"] = pool  # type: ignore[assignment]  # kept alive, as by an app global
         return 0
     raise SystemExit(f"guestapp: unknown mode {mode!r}")
 
 
+def dump_modules(path: str) -> None:
+    """For the VM test's hand-made closure: every module file this run loaded."""
+    files = sorted({f for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))})
+    Path(path).write_text(json.dumps(files))
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        status = main(sys.argv)
+    finally:
+        if trace := os.environ.get("GUESTAPP_TRACE"):
+            dump_modules(trace)
+    sys.exit(status)
