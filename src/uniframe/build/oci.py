@@ -672,6 +672,7 @@ class RuntimeOptions:
 class Bundle:
     dir: Path
     image: ImageConfig
+    manifest_digest: str = ""  # of the image it was unpacked from, if any
 
     @property
     def rootfs(self) -> Path:
@@ -760,7 +761,6 @@ def runtime_config(image: ImageConfig, options: RuntimeOptions, rootfs: Path) ->
             "terminal": False, "user": {"uid": uid, "gid": gid}, "args": args,
             "env": [f"{k}={v}" for k, v in env.items()], "cwd": image.workdir or "/",
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": options.readonly_rootfs},
@@ -784,7 +784,7 @@ def bundle_from_layout(layout: Path, bundle_dir: Path, options: RuntimeOptions |
     """A runc bundle (``rootfs/`` + ``config.json``) from an OCI layout directory or ``.tar``."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
     read = load_layout(layout, bundle_dir / "rootfs", ref_name)
-    bundle = Bundle(bundle_dir, read.config)
+    bundle = Bundle(bundle_dir, read.config, read.manifest_digest)
     write_bundle_config(bundle, options or RuntimeOptions())
     return bundle
 
