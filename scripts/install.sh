@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils         # microVMs and full VMs
-  runc iproute2                      # containers and their networks
+  runc iproute2 nftables debootstrap # containers, their networks and ports, the Debian baseline
   linux-source-6.1 bc flex bison libelf-dev libssl-dev build-essential  # the tailored kernel
   cpio lz4 zstd gzip                 # initramfs compression
   wrk curl                           # benchmarks and demos
