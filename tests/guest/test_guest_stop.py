@@ -88,3 +88,13 @@ def test_unreadable_console_is_a_warning(tmp_path: Path) -> None:
     warnings: list[str] = []
     watch_console(str(tmp_path / "missing"), lambda: None, warnings.append).join(5)
     assert len(warnings) == 1 and "uniframe:shutdown' will not work" in warnings[0]
+
+
+def test_a_stop_during_boot_interrupts_the_app_as_it_starts(restore_sigterm: None) -> None:
+    stop = StopControl(60, lambda reason: None)
+    stop.install()
+    os.kill(os.getpid(), signal.SIGTERM)  # before the app runs: nothing to interrupt yet
+    time.sleep(0.05)
+    assert stop.reason == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        stop.app_started()

@@ -104,13 +104,23 @@ class Finisher:
         os._exit(report.status)
 
 
-def run_app(module: str, args: Sequence[str]) -> BaseException | None:
-    """Run ``module`` as ``__main__`` with ``sys.argv``; return what it raised, if anything."""
+def run_app(module: str, args: Sequence[str], stop: StopControl | None = None) -> BaseException | None:
+    """Run ``module`` as ``__main__`` with ``sys.argv``; return what it raised, if anything.
+
+    ``stop`` learns when the app runs inside the ``try``, so a stop request
+    that arrived during boot, or arrives at any moment of the run, ends up in
+    the app's report rather than in the init's.
+    """
     sys.argv = [module, *args]
     try:
+        if stop is not None:
+            stop.app_started()
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except BaseException as exc:
         return exc
+    finally:
+        if stop is not None:
+            stop.app_finished()
     return None
 
 
@@ -150,9 +160,7 @@ def main(cmdline_path: str = "/proc/cmdline") -> NoReturn:
         os.environ.setdefault("PATH", DEFAULT_PATH)
         say(_ready_line(config, started, machine))
         step = "running the app"
-        stop.app_started()
-        raised = run_app(config.app, config.args)
-        stop.app_finished()
+        raised = run_app(config.app, config.args, stop)
         report = app_report(raised, stop.reason)
         del raised
         if finisher.in_forked_child():

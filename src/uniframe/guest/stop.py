@@ -50,7 +50,11 @@ class StopControl:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def app_started(self) -> None:
+        """Mark the app as running; a stop requested during boot interrupts it at once."""
         self._app_running = True
+        if self.reason is not None and not self._interrupted:
+            self._interrupted = True
+            raise KeyboardInterrupt
 
     def app_finished(self) -> None:
         self._app_running = False
