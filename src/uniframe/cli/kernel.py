@@ -23,6 +23,7 @@ _STEPS = {
     "compile": "compiling",
     "install": "installing into the cache",
     "wait": "waiting for another build of this kernel",
+    "cached": "already built: using the cached kernel (--force rebuilds it)",
 }
 
 
@@ -106,11 +107,11 @@ def _show(kernel: Kernel, output: str) -> None:
 
 
 def _file_row(path: Path | None, size: int | None) -> str:
-    return "-" if path is None or size is None else f"{path} ({_mib(size)})"
+    return "-" if path is None or size is None else f"{path}, {_mib(size)}"
 
 
 def _mib(size: int) -> str:
-    return f"{size / 1048576:.2f} MiB ({size:,} bytes)"
+    return f"{size / 1048576:.2f} MiB, {size:,} bytes"
 
 
 def _or_unknown(value: object) -> str:
