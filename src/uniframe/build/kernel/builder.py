@@ -122,7 +122,7 @@ def _check_libelf(config_text: str) -> None:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    # Fixed identity and timestamp: two builds of the same inputs give the same kernel.
+    # No host name, user or build time inside the kernel: it depends on its inputs only.
     env.update(LC_ALL="C", ARCH=ARCH, KBUILD_BUILD_USER="uniframe",
                KBUILD_BUILD_HOST="uniframe", KBUILD_BUILD_TIMESTAMP="1970-01-01")
     env.pop("KCONFIG_CONFIG", None)
