@@ -160,8 +160,7 @@ class QemuMicroVMDriver:
             raise RuntimeDriverError(f"replica {replica.name} is already running")
         config = replica.config
         qemu = qemu_binary()
-        if config.network == "user":
-            ensure_free(list(config.ports))
+        ensure_free(list(config.ports))
         accel = choose_accel(config.accel, kernel=config.image.kernel)
         guest_ip, tap, netdev, ip_arg = self._network(replica)
         for name in (CONSOLE_SOCK, QMP_SOCK, EXIT_FILE):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.ports import PortMapping
+from uniframe.runtime.ports import PortInUseError, PortMapping
 
 log = logging.getLogger("uniframe.runtime.qemu")
 
@@ -123,6 +123,20 @@ def _delete_tap(name: str) -> None:
             ipr.link("del", index=idx)
 
 
+def _check_ports_unclaimed(netdir: Path, replica_id: str, ports: list[PortMapping]) -> None:
+    for f in (netdir / "ports").glob("*.json"):
+        if f.stem == replica_id:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            taken = {int(r["host_port"]) for r in json.loads(f.read_text())}
+            for p in ports:
+                if p.host_port in taken:
+                    raise PortInUseError(
+                        f"host port {p.host_port} is already published by replica {f.stem}; "
+                        f"pick another with -p OTHER:{p.guest_port}"
+                    )
+
+
 def attach(state_root: Path, replica_id: str, ports: list[PortMapping]) -> Attachment:
     """A tap on the bridge, a leased guest address, and DNAT for ``ports``."""
     if os.geteuid() != 0:
@@ -130,6 +144,7 @@ def attach(state_root: Path, replica_id: str, ports: list[PortMapping]) -> Attac
     tap = f"uf{replica_id[:12]}"[:15]
     with _locked(state_root) as netdir:
         ensure_bridge()
+        _check_ports_unclaimed(netdir, replica_id, ports)
         guest_ip = _lease(netdir, replica_id)
         _create_tap(tap)
         rules = [{**p.to_json(), "guest_ip": guest_ip} for p in ports]
