@@ -174,6 +174,7 @@ def probe_initramfs(directory: Path, compression: str = "gzip") -> Path:
 class Boot:
     marker_seconds: float | None   # QEMU start to the marker line on the serial port
     exit_seconds: float | None     # QEMU start to QEMU exiting by itself
+    cpu_seconds: float | None      # QEMU's user + system CPU time, for comparisons on a busy host
     returncode: int | None
     output: str
 
@@ -200,7 +201,6 @@ def boot(argv: list[str], *, deadline: float = 90.0) -> Boot:
     os.set_blocking(fd, False)
     output = bytearray()
     marker_at: float | None = None
-    exited_at: float | None = None
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
         while (remaining := started + deadline - time.monotonic()) > 0:
@@ -213,14 +213,27 @@ def boot(argv: list[str], *, deadline: float = 90.0) -> Boot:
                     marker_at = time.monotonic() - started
             elif proc.poll() is not None:
                 break
-    try:
-        proc.wait(timeout=max(0.0, started + deadline - time.monotonic()))
-        exited_at = time.monotonic() - started
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return Boot(marker_at, exited_at, proc.returncode if exited_at is not None else None,
-                output.decode(errors="replace"))
+    exited_at, code, cpu = _reap(proc, started + deadline)
+    if exited_at is not None:
+        exited_at -= started
+    proc.stdout.close()
+    return Boot(marker_at, exited_at, cpu, code, output.decode(errors="replace"))
+
+
+def _reap(proc: subprocess.Popen[bytes], until: float) -> tuple[float | None, int | None, float]:
+    """Wait for QEMU with wait4 (for its CPU time); kill it at ``until``."""
+    killed = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, 0 if killed else os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            cpu = usage.ru_utime + usage.ru_stime
+            return (None, None, cpu) if killed else (time.monotonic(), proc.returncode, cpu)
+        if time.monotonic() >= until:
+            proc.kill()
+            killed = True
+        else:
+            time.sleep(0.01)
 
 
 # --- unit tests ---------------------------------------------------------------
@@ -453,7 +466,7 @@ def test_boot_to_marker_and_exit(built_kernel: Kernel, tmp_path: Path, protocol:
     assert image is not None
     result = boot(qemu_argv(image, probe_initramfs(tmp_path)), deadline=90)
     print(f"\n{protocol}: marker after {result.marker_seconds} s, "
-          f"QEMU exited after {result.exit_seconds} s")
+          f"QEMU exited after {result.exit_seconds} s, QEMU CPU {result.cpu_seconds} s")
     assert result.marker_seconds is not None, result.output[-3000:]
     assert result.exit_seconds is not None and result.returncode == 0, result.output[-3000:]
     facts = result.facts()
