@@ -10,7 +10,6 @@ accepts our gzip, legacy lz4 and zstd.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import py_compile
@@ -18,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,13 +67,13 @@ def traced_files(tmp_path: Path) -> list[str]:
     finally:
         del os.environ["GUESTAPP_TRACE"]
     assert marker(out) == (3, "exited"), out
-    files: list[str] = json.loads(trace.read_text())
-    # Child interpreters the app starts without -S import site as well.
-    for name in ("site", "_sitebuiltins"):
-        spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.origin is not None
-        files.append(spec.origin)
-    return files
+    # Frozen modules report a __file__ of "frozen" (they live in the interpreter).
+    files = [f for f in json.loads(trace.read_text()) if os.path.isabs(f)]
+    # Child interpreters the app starts without -S import site as well, and
+    # the interpreter finds its prefix by the landmark os.py.
+    # (All three are frozen into the interpreter, so their spec names no file.)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return files + [str(stdlib / f"{name}.py") for name in ("site", "_sitebuiltins", "os")]
 
 
 def closure(tmp_path: Path) -> list[Entry]:
@@ -89,7 +89,7 @@ def closure(tmp_path: Path) -> list[Entry]:
     ]
     elves = [python]
     pycs = tmp_path / "pycs"
-    for name in traced_files(tmp_path):
+    for name in sorted(set(traced_files(tmp_path))):
         path = Path(name)
         entries.append(File(name, path))
         if name.endswith(".so"):
