@@ -259,3 +259,17 @@ def test_missing_tool_is_a_clear_error(tree: list[Entry], tmp_path: Path,
     with pytest.raises(BuildError, match="'lz4' is not installed; install the Debian package lz4"):
         write_initramfs(tree, tmp_path / "x.lz4", "lz4")
     assert not list(tmp_path.glob(".x.lz4*")), "the partial output was left behind"
+
+
+def test_a_failing_tool_is_a_build_error(tree: list[Entry], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "bin" / "zstd"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'zstd: out of disk space' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (4 << 20))  # more than a pipe buffer: the writer meets a dead reader
+    with pytest.raises(BuildError, match="zstd failed \\(exit 1\\): zstd: out of disk space"):
+        write_initramfs([*tree, File("big", big)], tmp_path / "out.zst", "zstd")
+    assert not (tmp_path / "out.zst").exists()

@@ -202,31 +202,41 @@ def _write_file(w: _Counter, ino: int, name: str, entry: File, mtime: int) -> No
         w.write(_header(ino, stat.S_IFREG | mode, 1, mtime, len(data), (0, 0), raw))
         w.write(data + _pad(len(data)))
         return
+    # Errors of the source are the user's to fix (BuildError); errors of the sink
+    # (a dead compressor) propagate as they are, for the caller to explain.
+    src = entry.source
     try:
         # stat before open: opening a FIFO would block
-        if not stat.S_ISREG(os.stat(entry.source).st_mode):
-            raise BuildError(f"{entry.source} (for {name} in the initramfs) is not a regular file")
-        with open(entry.source, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_size > _MAX_SIZE:
-                raise BuildError(f"{entry.source} is {st.st_size} bytes; an initramfs entry "
-                                 "holds at most 4 GiB - 1")
-            mode = st.st_mode & 0o777 if entry.mode is None else _perm(entry.mode)
-            w.write(_header(ino, stat.S_IFREG | mode, 1, mtime, st.st_size, (0, 0), raw))
-            left = st.st_size
-            while left:
-                chunk = f.read(min(_CHUNK, left))
-                if not chunk:
-                    break
-                w.write(chunk)
-                left -= len(chunk)
-            if left or f.read(1):
-                raise BuildError(f"{entry.source} changed size while it was archived; "
-                                 "rebuild when nothing is writing to it")
+        if not stat.S_ISREG(os.stat(src).st_mode):
+            raise BuildError(f"{src} (for {name} in the initramfs) is not a regular file")
+        f = open(src, "rb")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
-        raise BuildError(f"cannot read {entry.source} (for {name} in the initramfs): "
-                         f"{exc.strerror or exc}") from None
+        raise _unreadable(src, name, exc) from None
+    with f:
+        st = os.fstat(f.fileno())
+        if st.st_size > _MAX_SIZE:
+            raise BuildError(f"{src} is {st.st_size} bytes; an initramfs entry holds at most 4 GiB - 1")
+        mode = st.st_mode & 0o777 if entry.mode is None else _perm(entry.mode)
+        w.write(_header(ino, stat.S_IFREG | mode, 1, mtime, st.st_size, (0, 0), raw))
+        left = st.st_size
+        while left and (chunk := _read(f, min(_CHUNK, left), src, name)):
+            w.write(chunk)
+            left -= len(chunk)
+        if left or _read(f, 1, src, name):
+            raise BuildError(f"{src} changed size while it was archived; "
+                             "rebuild when nothing is writing to it")
     w.write(_pad(st.st_size))
+
+
+def _read(f: BinaryIO, n: int, src: Path, name: str) -> bytes:
+    try:
+        return f.read(n)
+    except OSError as exc:
+        raise _unreadable(src, name, exc) from None
+
+
+def _unreadable(src: Path, name: str, exc: OSError) -> BuildError:
+    return BuildError(f"cannot read {src} (for {name} in the initramfs): {exc.strerror or exc}")
 
 
 def check_level(method: Method, level: int | None) -> int:
@@ -267,16 +277,19 @@ def compressor(out: BinaryIO, method: Method, level: int | None = None) -> Itera
     try:
         yield proc.stdin  # type: ignore[misc]
         proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the tool died early; its exit status and stderr say why, below
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     finally:
         if not proc.stdin.closed:
-            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
     err = proc.stderr.read().decode(errors="replace").strip()
     if proc.wait() != 0:
-        raise BuildError(f"{method} failed (exit {proc.returncode}): {err}")
+        raise BuildError(f"{method} failed (exit {proc.returncode}): {err or 'no message'}")
 
 
 def compress(path: Path, method: Method, level: int | None = None,
