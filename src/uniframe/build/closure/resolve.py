@@ -102,6 +102,7 @@ class _Tree:
             return None
         comps = [c for c in path.split("/") if c and c != "."]
         cur = "/"
+        new_dirs: list[str] = []  # dropped again if the path turns out to be the app's output
         for i, comp in enumerate(comps):
             if comp == "..":
                 cur = os.path.dirname(cur)
@@ -119,12 +120,16 @@ class _Tree:
             if stat.S_ISREG(st.st_mode) and i == len(comps) - 1:
                 if self.started_ns is not None and st.st_mtime_ns >= self.started_ns:
                     self.modified.add(nxt)
+                    for d in new_dirs:
+                        del self.nodes[d]
                     return None
                 if nxt not in self.nodes:
                     self.nodes[nxt] = None
                     self.files.append(nxt)
             elif stat.S_ISDIR(st.st_mode):
-                self.nodes.setdefault(nxt, None)
+                if nxt not in self.nodes:
+                    self.nodes[nxt] = None
+                    new_dirs.append(nxt)
             else:
                 return None  # a device, socket or fifo, or a file used as a directory
             cur = nxt

@@ -1,0 +1,72 @@
+"""Turn a spec's model reference into one ONNX file the image can carry.
+
+scikit-learn models are converted here, on the build host, so images carry
+ONNX only; the model registry (``name@version``) arrives with the control
+plane and is resolved through the same function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniframe.build.sklearn_onnx import convert_pickle
+from uniframe.errors import BuildError, ModelError
+from uniframe.spec import FileModel, InferenceService, RegistryModel
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The ONNX file to ship, and the name and version the server announces."""
+
+    name: str
+    version: str
+    path: Path
+    sha256: str
+    source: str
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def resolve_model(service: InferenceService, workdir: Path) -> ResolvedModel:
+    """The ONNX model for ``service``; converted files are written into ``workdir``."""
+    ref = service.spec.model
+    name = service.metadata.name
+    if isinstance(ref, RegistryModel):
+        raise BuildError(
+            f"spec.model: {ref.name}@{ref.version} names a registry model, and this uniframe has "
+            "no model registry yet; use model: {uri: ./model.onnx} for now"
+        )
+    assert isinstance(ref, FileModel)
+    path = Path(ref.uri)
+    if not path.is_file():
+        raise BuildError(f"spec.model.uri: {path} does not exist; write the model file first")
+    if ref.format == "sklearn":
+        try:
+            data = convert_pickle(path)
+        except ModelError as exc:
+            raise BuildError(f"spec.model.uri: {exc}") from None
+        workdir.mkdir(parents=True, exist_ok=True)
+        out = workdir / f"{name}.onnx"
+        out.write_bytes(data)
+        return ResolvedModel(name, "1", out, _sha256(out), f"{path} (scikit-learn, converted)")
+    _check_onnx(path)
+    return ResolvedModel(name, "1", path, _sha256(path), str(path))
+
+
+def _check_onnx(path: Path) -> None:
+    """Fail the build early, with the runtime's own words, if ONNX Runtime cannot load it."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BuildError(f"spec.model.uri: {path} is not a model ONNX Runtime can load: {first}") from None

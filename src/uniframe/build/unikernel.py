@@ -1,0 +1,251 @@
+"""Build an InferenceService into a unikernel image: kernel + initramfs + command line.
+
+The pipeline, each step a call into its own module:
+
+1. resolve the model to one ONNX file (:mod:`uniframe.build.model`);
+2. trace the model server once on the host, with a real inference as warm-up,
+   to learn exactly which files it needs (:mod:`uniframe.build.closure`);
+3. materialize that closure into a root (stripped, unchecked-hash pycs);
+4. add the model, ``/init`` and the device nodes, and pack the root as a
+   newc initramfs (:mod:`uniframe.build.initramfs`);
+5. take the tailored kernel from the cache (:mod:`uniframe.build.kernel`);
+6. write ``manifest.json`` and move the image into the content-addressed store.
+
+Proving the image by booting it needs a runtime, which sits above this layer:
+the CLI does that after this returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from uniframe.build import initramfs
+from uniframe.build.closure.materialize import MaterializeStats, materialize
+from uniframe.build.closure.model import Closure
+from uniframe.build.closure.trace import WarmupRequest, trace
+from uniframe.build.kernel import Kernel, ensure_kernel, user_kernel
+from uniframe.build.model import ResolvedModel, resolve_model
+from uniframe.build.store import BUILD_INFO, Image, ImageStore, finalize_manifest
+from uniframe.errors import BuildError
+from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
+from uniframe.guest.initscript import DEVICE_NODES, MOUNT_POINTS, render_init_script
+from uniframe.spec import InferenceService
+
+Progress = Callable[[str], None]
+MODEL_DIR = "/srv/models"
+SERVER_MODULE = "uniframe.serve"
+# The fastest boot measured under TCG (bench/unikernel_bench.py): see docs/architecture.md.
+DEFAULT_COMPRESSION: initramfs.Method = "lz4"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image: Image
+    closure: Closure
+    stats: MaterializeStats
+    kernel: Kernel
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_signature(model: ResolvedModel) -> dict[str, list[dict[str, Any]]]:
+    """The model's inputs and outputs in OIP terms, as the server will announce them."""
+    import onnxruntime as ort
+
+    from uniframe.serve.datatypes import FROM_ONNX
+
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    sig: dict[str, list[dict[str, Any]]] = {}
+    for role, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        sig[role] = []
+        for arg in args:
+            datatype = FROM_ONNX.get(arg.type)
+            if datatype is None:
+                raise BuildError(f"model {role[:-1]} {arg.name!r} has type {arg.type}, "
+                                 "which the Open Inference Protocol cannot carry")
+            shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
+            sig[role].append({"name": arg.name, "datatype": datatype, "shape": shape})
+    return sig
+
+
+def sample_request(inputs: list[dict[str, Any]]) -> bytes:
+    """A valid inference request for these inputs: one row of zeros (or empty strings)."""
+    body = []
+    for inp in inputs:
+        shape = [d if d > 0 else 1 for d in inp["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        datatype = inp["datatype"]
+        value: Any = "" if datatype == "BYTES" else (False if datatype == "BOOL" else 0)
+        body.append({"name": inp["name"], "datatype": datatype, "shape": shape,
+                     "data": [value] * count})
+    return json.dumps({"inputs": body}).encode()
+
+
+def server_args(service: InferenceService, model_path: str, model: ResolvedModel) -> list[str]:
+    spec = service.spec
+    return [model_path, "--name", model.name, "--model-version", model.version,
+            "--port", str(spec.port), "--threads", str(spec.server.threads),
+            "--max-body-size", str(spec.server.max_body_size)]
+
+
+def _host_sys_path() -> list[str]:
+    """The interpreter's module path as the traced app saw it, minus the working directory."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import json,sys; print(json.dumps(sys.path))"],
+                         capture_output=True, text=True, check=True, cwd="/")
+    return [p for p in json.loads(out.stdout) if p and p != "/"]
+
+
+def _root_entries(root: Path) -> Iterator[initramfs.Entry]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = "/" + os.path.relpath(dirpath, root).removeprefix(".")
+        for name in sorted(dirnames + filenames):
+            full = Path(dirpath) / name
+            image_path = f"{rel_dir.rstrip('/')}/{name}"
+            st = full.lstat()
+            if full.is_symlink():
+                yield initramfs.Symlink(image_path, os.readlink(full))
+            elif full.is_dir():
+                yield initramfs.Directory(image_path, st.st_mode & 0o7777)
+            else:
+                yield initramfs.File(image_path, full, st.st_mode & 0o777)
+
+
+def build_unikernel(
+    service: InferenceService,
+    *,
+    source_digest: str,
+    compression: initramfs.Method | None = None,
+    store: ImageStore | None = None,
+    progress: Progress | None = None,
+    kernel: Kernel | None = None,
+) -> BuildResult:
+    """Build ``service`` into a unikernel image in ``store`` and return it with build facts."""
+    say = progress or (lambda _msg: None)
+    store = store or ImageStore()
+    method: initramfs.Method = compression or DEFAULT_COMPRESSION
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    staging = store.staging_dir()
+    try:
+        say("resolving the model")
+        model = resolve_model(service, staging / "model")
+        image_model = f"{MODEL_DIR}/{model.name}/{model.version}/model.onnx"
+        signature = model_signature(model)
+
+        say("tracing the model server (one real inference)")
+        t = time.monotonic()
+        port = _free_port()
+        args = server_args(service, str(model.path), model)
+        args[args.index("--port") + 1] = str(port)
+        home = staging / "home"
+        home.mkdir()
+        closure = trace(
+            [SERVER_MODULE, *args, "--host", "127.0.0.1"],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+                 **service.spec.env},
+            ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
+            warmup=[WarmupRequest("POST", f"/v2/models/{model.name}/infer", sample_request(signature["inputs"]),
+                                  {"Content-Type": "application/json"})],
+            extra_imports=["uniframe.guest.init"],
+            cwd=staging,
+        )
+        timings["trace"] = time.monotonic() - t
+
+        say(f"copying {len(closure.files())} files into the root (strip, compile)")
+        t = time.monotonic()
+        root = staging / "root"
+        stats = materialize(closure, root)
+        timings["materialize"] = time.monotonic() - t
+
+        init_text = render_init_script(closure.interpreter, _host_sys_path())
+        extra: list[initramfs.Entry] = [
+            initramfs.File("/init", init_text.encode(), 0o755),
+            initramfs.File(image_model, model.path, 0o644),
+            *(initramfs.Directory(p) for p in MOUNT_POINTS),
+            *(initramfs.Device(path, "c", major, minor, mode)
+              for path, _kind, major, minor, mode in DEVICE_NODES),
+        ]
+
+        say(f"packing the initramfs ({method})")
+        t = time.monotonic()
+        image_dir = staging / "image"
+        image_dir.mkdir()
+        raw_bytes = _count_bytes(root) + model.size + len(init_text)
+        initramfs.write_initramfs([*_root_entries(root), *extra], image_dir / "initrd", method)
+        timings["initramfs"] = time.monotonic() - t
+
+        say("getting the kernel")
+        t = time.monotonic()
+        if kernel is None:
+            kernel = user_kernel(Path(service.spec.kernel)) if service.spec.kernel else ensure_kernel()
+        shutil.copyfile(kernel.path, image_dir / "kernel")
+        timings["kernel"] = time.monotonic() - t
+
+        guest_args = server_args(service, image_model, model)
+        cmdline = " ".join([*KERNEL_ARGS, "quiet", encode_cmdline(
+            SERVER_MODULE, guest_args, dict(service.spec.env), port=service.spec.port,
+            hostname=service.metadata.name)])
+        manifest: dict[str, Any] = {
+            "schema": 1,
+            "kind": "unikernel",
+            "name": service.metadata.name,
+            "files": {"kernel": {"path": "kernel"}, "initrd": {"path": "initrd"}},
+            "cmdline": cmdline,
+            "entrypoint": [closure.interpreter, "-m", SERVER_MODULE, *guest_args],
+            "port": service.spec.port,
+            "model": {"name": model.name, "version": model.version, "sha256": model.sha256,
+                      "path": image_model, "bytes": model.size, **signature},
+            "kernel": {"key": kernel.key, "config_hash": kernel.config_hash,
+                       "source_version": kernel.source_version, "boot": str(kernel.boot)},
+            "initrd": {"compression": method, "uncompressed_bytes": raw_bytes},
+            "file_count": stats.files + stats.symlinks + 1 + 1,  # + /init + the model
+            "executables": sorted(e.image_path for e in closure.executables()),
+            "packages": [{"package": r.package, "files": r.files, "bytes": r.bytes}
+                         for r in closure.by_package()],
+            "resources": {"cpus": service.spec.resources.cpus,
+                          "memory": service.spec.resources.memory},
+            "source_spec_digest": source_digest,
+        }
+        finalize_manifest(image_dir, manifest)
+        timings["total"] = time.monotonic() - t0
+        (image_dir / BUILD_INFO).write_text(json.dumps({
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "trace_seconds": closure.trace_seconds,
+            "materialize": {"bytes_before_strip": stats.bytes_before_strip,
+                            "bytes": stats.total_bytes, "stripped_files": stats.stripped_files},
+        }, indent=2) + "\n")
+        image = store.add_dir(image_dir, name=service.metadata.name, move=True)
+        return BuildResult(image, closure, stats, kernel, timings)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _count_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
