@@ -11,5 +11,7 @@ ended (the exit status the guest printed on its console).
 - :mod:`.replica`: the records every driver shares (config, replica, status).
 - :mod:`.process`: recognising a process across CLI invocations.
 - :mod:`.ports`: published ports and the check that they are free.
-- :mod:`.qemu`: the QEMU ``-M microvm`` driver for unikernel images.
+- :mod:`.qemu`: the QEMU ``-M microvm`` driver for unikernel images, and the
+  pieces other QEMU drivers reuse (accelerator probe, QMP, console, user network).
+- :mod:`.vm`: full VMs under QEMU ``-M q35``; :mod:`.runc`: OCI containers.
 """
