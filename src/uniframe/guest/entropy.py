@@ -2,11 +2,13 @@
 
 What blocks and what does not (Linux 6.1, Python 3.11):
 
-- Python's start-up never blocks: the hash secret and ``random``'s seed come
-  from ``getrandom(GRND_NONBLOCK)`` and, if the CRNG is not ready yet, from
-  ``/dev/urandom``, which never blocks (it only needs the device node to
-  exist in the initramfs before devtmpfs is mounted). ``PYTHONHASHSEED`` is
-  therefore not needed, and ``-I`` would ignore it anyway.
+- Python's start-up does not wait for the CRNG (PEP 524): the hash secret
+  and ``random``'s seed come from ``getrandom(GRND_NONBLOCK)`` and, if the
+  CRNG is not ready, from ``/dev/urandom``, which returns without waiting for
+  it (6.1's ``urandom_read_iter`` at most runs one jitter-entropy attempt
+  first, and only on CPUs with a usable cycle counter). That fallback needs
+  the ``/dev/urandom`` node in the initramfs, before devtmpfs is mounted.
+  ``PYTHONHASHSEED`` is therefore not needed, and ``-I`` would ignore it.
 - ``os.urandom``, ``secrets``, ``uuid.uuid4``, ``ssl`` and libraries seeding
   from them (numpy's ``SeedSequence``) call blocking ``getrandom`` and wait
   until the CRNG is initialised. On a microVM with few interrupts that can

@@ -25,8 +25,9 @@ flags must be a single word (``-IBS``, not ``-I -B -S``), and the whole ``#!``
 line must fit the kernel's 256-byte ``BINPRM_BUF_SIZE``.
 
 Python's start-up does not wait for entropy (3.11 seeds its hash with a
-non-blocking ``getrandom`` and falls back to ``/dev/urandom``), but that
-fallback needs ``/dev/urandom`` to exist before devtmpfs is mounted: the
+non-blocking ``getrandom`` and falls back to ``/dev/urandom``; see
+:mod:`uniframe.guest.entropy`), but that fallback needs ``/dev/urandom`` to
+exist before devtmpfs is mounted: the
 initramfs must carry ``dev/console`` (5:1), ``dev/null`` (1:3) and
 ``dev/urandom`` (1:9) as device nodes (see :data:`DEVICE_NODES`).
 """
