@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,18 @@ def test_stop_escalates_to_sigkill(driver: RuncDriver, tmp_path: Path, server_bi
     assert "did not stop within 1 s" in status.detail
     driver.remove(replica.id)
     assert driver.leftovers(replica) == []
+
+
+def test_logs_follow_until_the_container_stops(driver: RuncDriver, layout: Path) -> None:
+    replica = driver.create(ReplicaConfig(image=image_ref(str(layout)), network="none"))
+    driver.start(replica.id)
+    stopper = threading.Timer(0.5, driver.stop, args=(replica.id,))
+    stopper.start()
+    started = time.monotonic()
+    text = b"".join(driver.logs(replica.id, follow=True)).decode()
+    stopper.join()
+    assert time.monotonic() - started >= 0.4
+    assert "READY port=8080" in text and text.rstrip().endswith("TERM received, bye")
 
 
 def test_memory_limit_is_enforced(driver: RuncDriver, layout: Path) -> None:

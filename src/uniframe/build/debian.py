@@ -26,6 +26,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -63,9 +64,10 @@ def _run(argv: Sequence[str], what: str, *, log: Path | None = None, timeout: fl
         raise BuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
-def host_mirror(suite: str = "bookworm") -> str:
+def host_mirror(suite: str = "bookworm", sources: Sequence[Path] | None = None) -> str:
     """The Debian mirror this host's apt fetches ``suite`` from (it is the one that is reachable)."""
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    if sources is None:
+        sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
         with contextlib.suppress(OSError):
             text = path.read_text()
@@ -78,7 +80,9 @@ def host_mirror(suite: str = "bookworm") -> str:
                 for line in text.splitlines():
                     parts = line.split("#", 1)[0].split()
                     if len(parts) >= 3 and parts[0] == "deb":
-                        uri_at = 1 + sum(1 for p in parts[1:] if p.startswith("["))
+                        uri_at = 1  # past "[option=value ...]", which may span several words
+                        if parts[1].startswith("["):
+                            uri_at = 1 + next((i for i, p in enumerate(parts[1:]) if p.endswith("]")), 0) + 1
                         if len(parts) > uri_at + 1 and parts[uri_at + 1] == suite:
                             return parts[uri_at]
     return DEFAULT_MIRROR
@@ -246,7 +250,7 @@ def conventional_python_rootfs(requirements: Sequence[str] | None = None, *, sui
             _run(["cp", "-a", str(base), str(rootfs)], "copying the Debian root")
             wheels = rootfs / "tmp" / "wheels"
             wheels.mkdir(parents=True)
-            _run(["python3", "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+            _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
                   "--dest", str(wheels), *reqs], "downloading wheels on the host", log=tmp / "pip.log")
             log = tmp / "pip.log"
             chroot_run(rootfs, ["python3", "-m", "venv", VENV], "python3 -m venv in the root", log=log)
