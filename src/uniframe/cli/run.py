@@ -137,7 +137,7 @@ def ps(
         rows = [(r, s) for r, s in rows if s.state is ReplicaState.RUNNING]
     if output == "json":
         data = [{**r.to_json(), "dir": str(r.dir), "status": s.to_json()} for r, s in rows]
-        console.print_json(json.dumps(data))
+        print(json.dumps(data, indent=2))
         return
     if output != "table":
         raise fail(f"-o {output}: use table or json")

@@ -39,6 +39,11 @@ USER_NET_GUEST_IP = "10.0.2.15"
 USER_NET_IP_ARG = f"ip={USER_NET_GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
 
 
+def qemu_opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option list (a comma is written twice)."""
+    return str(value).replace(",", ",,")
+
+
 def tb_size_mib() -> int:
     """TCG translation cache size in MiB; ``UNIFRAME_TCG_TB_SIZE`` overrides."""
     value = os.environ.get("UNIFRAME_TCG_TB_SIZE", "")
@@ -96,7 +101,7 @@ class MicroVM:
             argv += ["-initrd", str(self.initrd)]
         argv += list(self.serial)
         if self.qmp_socket is not None:
-            argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+            argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
         if self.rng:
             argv += ["-device", "virtio-rng-device"]
         for i, netdev in enumerate(self.netdev):
@@ -112,7 +117,8 @@ def console_chardev(socket_path: Path, log_path: Path) -> tuple[str, ...]:
     ``uniframe stop`` connects only long enough to type the shutdown line.
     """
     return ("-chardev",
-            f"socket,id=console,path={socket_path},server=on,wait=off,logfile={log_path},logappend=on",
+            f"socket,id=console,path={qemu_opt(socket_path)},server=on,wait=off,"
+            f"logfile={qemu_opt(log_path)},logappend=on",
             "-serial", "chardev:console")
 
 
