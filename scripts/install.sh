@@ -9,6 +9,7 @@ APT_PACKAGES=(
   runc iproute2 nftables debootstrap # containers, their networks and ports, the Debian baseline
   linux-source-6.1 bc flex bison libelf-dev libssl-dev build-essential  # the tailored kernel
   cpio lz4 zstd gzip                 # initramfs compression
+  e2fsprogs fdisk dosfstools mtools syslinux syslinux-common xorriso  # VM disks, cloud-init seeds
   wrk curl                           # benchmarks and demos
 )
 missing=()
