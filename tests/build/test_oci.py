@@ -325,3 +325,14 @@ def test_bundles_from_layouts_and_roots(tmp_path: Path) -> None:
         assert os.readlink(bundle.rootfs / "lib" / "libz.so.1") == "libz.so.1.2"
     with pytest.raises(BuildError, match="already exists"):
         oci.bundle_from_root(root, tmp_path / "b2", entrypoint=["/bin/app"])
+
+
+def test_times_are_zero_unless_kept(tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    os.utime(root / "bin" / "app", (1_700_000_000, 1_700_000_000))
+    build(root, tmp_path / "zero")
+    build(root, tmp_path / "kept", keep_mtimes=True)
+    oci.load_layout(tmp_path / "zero", tmp_path / "rz")
+    oci.load_layout(tmp_path / "kept", tmp_path / "rk")
+    assert (tmp_path / "rz" / "bin" / "app").stat().st_mtime == 0
+    assert (tmp_path / "rk" / "bin" / "app").stat().st_mtime == 1_700_000_000

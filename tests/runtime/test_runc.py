@@ -126,7 +126,8 @@ def host_snapshot(marker: str) -> dict[str, set[str]]:
     links = {ln for ln in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.split("\n")
              if marker in ln}
     netns = {p.name for p in Path("/run/netns").glob(f"*{marker}*")}
-    cgroups = {str(p) for p in Path("/sys/fs/cgroup").glob(f"*/*{marker}*")}
+    cgroups = {str(p) for p in [*Path("/sys/fs/cgroup").glob(f"*{marker}*"),
+                                *Path("/sys/fs/cgroup").glob(f"*/*{marker}*")]}
     return {"processes": procs, "mounts": mounts, "links": links, "netns": netns, "cgroups": cgroups}
 
 
@@ -136,7 +137,7 @@ def host_globals() -> dict[str, object]:
         if shutil.which("nft") else ""
     return {"nft tables": sorted(tables.split("\n")),
             "netns mount": any(" /run/netns " in ln for ln in Path("/proc/self/mountinfo").read_text().splitlines()),
-            "uniframe cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/uniframe-*"))}
+            "uniframe cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("**/uniframe-*"))}
 
 
 NOTHING: dict[str, set[str]] = {"processes": set(), "mounts": set(), "links": set(), "netns": set(), "cgroups": set()}
@@ -171,10 +172,17 @@ def test_container_serves_on_a_published_port_and_leaves_nothing(driver: RuncDri
     assert answer.text == "hello pid=1 host=web\n"  # own PID and UTS namespaces
     # the limits are in the kernel's cgroup files, not only in config.json
     cgroup = replica.extra["cgroup"].lstrip("/")
-    assert Path(f"/sys/fs/cgroup/cpu/{cgroup}/cpu.cfs_quota_us").read_text().strip() == "100000"
-    assert Path(f"/sys/fs/cgroup/cpu/{cgroup}/cpu.cfs_period_us").read_text().strip() == "100000"
-    assert Path(f"/sys/fs/cgroup/memory/{cgroup}/memory.limit_in_bytes").read_text().strip() == str(64 << 20)
-    assert str(replica.pid) in Path(f"/sys/fs/cgroup/memory/{cgroup}/cgroup.procs").read_text().split()
+    fs = Path("/sys/fs/cgroup")
+    if (fs / "cgroup.controllers").is_file():  # cgroup v2
+        assert (fs / cgroup / "cpu.max").read_text().split() == ["100000", "100000"]
+        assert (fs / cgroup / "memory.max").read_text().strip() == str(64 << 20)
+        procs = fs / cgroup / "cgroup.procs"
+    else:  # v1 or hybrid, as on the machines this was written on
+        assert (fs / "cpu" / cgroup / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        assert (fs / "cpu" / cgroup / "cpu.cfs_period_us").read_text().strip() == "100000"
+        assert (fs / "memory" / cgroup / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+        procs = fs / "memory" / cgroup / "cgroup.procs"
+    assert str(replica.pid) in procs.read_text().split()
     limits = driver.cgroup_limits("web")
     assert (limits.cpus, limits.memory_bytes) == (1.0, 64 << 20)
     # the container's own address works too, and the veth is where the driver says

@@ -292,7 +292,7 @@ def conventional_python_image(out: Path, model: Path, *, port: int = 8080,
             work, out, entrypoint=[f"{VENV}/bin/python3", "-m", "uniframe.serve"],
             cmd=[f"/model/{model.name}", "--port", str(port)],
             env={"PATH": f"{VENV}/bin:{CHROOT_PATH}", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"},
-            exposed_ports=[port], keep_owners=True,
+            exposed_ports=[port], keep_owners=True, keep_mtimes=True,  # as docker build keeps them
             labels={"org.opencontainers.image.title": "uniframe conventional model server"},
         )
 

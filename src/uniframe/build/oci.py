@@ -172,11 +172,16 @@ def _walk_sorted(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry[s
             yield from _walk_sorted(root, path)
 
 
-def write_layer(root: Path, out: IO[bytes], *, keep_owners: bool = False) -> tuple[str, str, int]:
+def write_layer(root: Path, out: IO[bytes], *, keep_owners: bool = False,
+                keep_mtimes: bool = False) -> tuple[str, str, int]:
     """Write ``root`` as one gzip layer to ``out``; returns (diff id, blob digest, blob size).
 
     Device nodes and sockets are left out: a container's ``/dev`` is a fresh
     tmpfs and a socket only means something to the process that bound it.
+    Times are zeroed unless ``keep_mtimes``: mind that Python's default
+    (timestamp) ``.pyc`` files then no longer match their sources and every
+    start recompiles them; compile with ``--invalidation-mode unchecked-hash``
+    (the closure materializer does) or keep the times.
     """
     if not root.is_dir():
         raise BuildError(f"cannot make a layer: {root} is not a directory")
@@ -189,7 +194,8 @@ def write_layer(root: Path, out: IO[bytes], *, keep_owners: bool = False) -> tup
                 if stat.S_ISSOCK(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                     continue
                 info = tar.gettarinfo(entry.path, arcname=rel)
-                info.mtime = 0
+                if not keep_mtimes:
+                    info.mtime = 0
                 if not keep_owners:
                     info.uid = info.gid = 0
                 info.uname = info.gname = ""
@@ -225,6 +231,7 @@ def write_image_layout(
     labels: Mapping[str, str] | None = None,
     ref_name: str | None = None,
     keep_owners: bool = False,
+    keep_mtimes: bool = False,
 ) -> str:
     """Write an OCI image layout of ``root`` (one layer) at ``out``; returns the manifest digest.
 
@@ -241,7 +248,8 @@ def write_image_layout(
         blobs.mkdir(parents=True)
         layer_tmp = blobs / ".layer"
         with layer_tmp.open("wb") as fh:
-            diff_id, layer_digest, layer_size = write_layer(root, fh, keep_owners=keep_owners)
+            diff_id, layer_digest, layer_size = write_layer(root, fh, keep_owners=keep_owners,
+                                                            keep_mtimes=keep_mtimes)
         layer_tmp.rename(blobs / layer_digest.removeprefix("sha256:"))
         image = ImageConfig(entrypoint=tuple(entrypoint), cmd=tuple(cmd), env=dict(env or {}),
                             workdir=workdir, user=user,
