@@ -45,15 +45,16 @@ def qemu_opt(value: object) -> str:
 
 
 def tb_size_mib() -> int:
-    """TCG translation cache size in MiB; ``UNIFRAME_TCG_TB_SIZE`` overrides."""
+    """TCG translation cache size in MiB; ``UNIFRAME_TCG_TB_SIZE`` overrides (0: QEMU's default)."""
     value = os.environ.get("UNIFRAME_TCG_TB_SIZE", "")
-    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_TB_SIZE_MIB
+    return int(value) if value.isdigit() else DEFAULT_TB_SIZE_MIB
 
 
 def accel_args(accel: str, tb_size: int | None = None) -> list[str]:
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
-    return ["-accel", f"tcg,tb-size={tb_size or tb_size_mib()}", "-cpu", "max"]
+    size = tb_size_mib() if tb_size is None else tb_size
+    return ["-accel", f"tcg,tb-size={size}" if size else "tcg", "-cpu", "max"]
 
 
 def kernel_cmdline(image_cmdline: str, extra: list[str]) -> str:

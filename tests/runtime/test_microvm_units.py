@@ -1,0 +1,78 @@
+"""Pure pieces of the microVM driver: command lines, port specs, cpio archives, process identity."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uniframe.errors import RuntimeDriverError
+from uniframe.runtime.ports import PortMapping, parse_port_mapping
+from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.qemu.initramfs import init_initramfs
+from uniframe.runtime.qemu.microvm import USER_NET_IP_ARG, MicroVM, accel_args, kernel_cmdline
+
+
+def test_kernel_cmdline_adds_runtime_keys_once_and_before_init_args() -> None:
+    line = kernel_cmdline("console=ttyS0 quiet ip=dhcp -- --port 80", [USER_NET_IP_ARG])
+    kernel_part, init_part = line.split(" -- ")
+    words = kernel_part.split()
+    assert words.count("console=ttyS0") == 1
+    assert {"reboot=t", "panic=-1", "random.trust_cpu=on", USER_NET_IP_ARG} <= set(words)
+    assert "ip=dhcp" not in words  # only the runtime knows the address
+    assert init_part == "--port 80"
+    assert kernel_cmdline("", []) == "console=ttyS0 reboot=t panic=-1 random.trust_cpu=on"
+
+
+def test_tcg_gets_a_bounded_code_cache_and_max_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNIFRAME_TCG_TB_SIZE", raising=False)
+    assert accel_args("tcg") == ["-accel", "tcg,tb-size=64", "-cpu", "max"]
+    monkeypatch.setenv("UNIFRAME_TCG_TB_SIZE", "0")
+    assert accel_args("tcg") == ["-accel", "tcg", "-cpu", "max"]
+    assert accel_args("kvm") == ["-accel", "kvm", "-cpu", "host"]
+
+
+def test_microvm_argv_escapes_commas_in_paths() -> None:
+    argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x", qmp_socket=Path("/a,b/qmp.sock")).argv()
+    assert "unix:/a,,b/qmp.sock,server=on,wait=off" in argv
+    assert argv[argv.index("-M") + 1] == "microvm,acpi=off,x-option-roms=off"
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+@pytest.mark.parametrize(("spec", "mapping"), [
+    ("8080:80", PortMapping(8080, 80)),
+    ("0.0.0.0:8080:80/tcp", PortMapping(8080, 80, host_ip="0.0.0.0")),
+])
+def test_port_mappings(spec: str, mapping: PortMapping) -> None:
+    assert parse_port_mapping(spec) == mapping
+
+
+@pytest.mark.parametrize("spec", ["80", "8080:80/udp", "0:80", "x:80", "8080:70000"])
+def test_bad_port_mappings(spec: str) -> None:
+    with pytest.raises(RuntimeDriverError, match="port"):
+        parse_port_mapping(spec)
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio not installed")
+def test_initramfs_is_a_cpio_archive_cpio_can_read(tmp_path: Path) -> None:
+    archive = tmp_path / "initrd"
+    archive.write_bytes(init_initramfs(b"#!/bin/true\n"))
+    listing = subprocess.run(["cpio", "-itv"], stdin=archive.open("rb"), capture_output=True, text=True, check=True)
+    lines = listing.stdout.splitlines()
+    assert [line.split()[-1] for line in lines] == ["dev", "dev/console", "proc", "init"]
+    assert lines[1].startswith("crw") and "5," in lines[1]
+
+
+def test_process_identity_survives_only_with_the_same_start_time() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ref = ProcessRef.of(proc.pid)
+        assert ref.alive()
+        assert not ProcessRef(proc.pid, ref.start_time + 1).alive()  # a reused PID
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not ref.alive()
