@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -206,6 +207,31 @@ def test_container_serves_on_a_published_port_and_leaves_nothing(driver: RuncDri
     assert driver.leftovers(replica) == []
     assert host_snapshot(replica.id) == NOTHING
     assert host_globals() == before
+
+
+def test_a_replica_outlives_the_process_that_started_it(driver: RuncDriver, layout: Path) -> None:
+    """As with the CLI: one process starts the container and exits, later ones find, stop and remove it."""
+    port = free_port()
+    script = (
+        "import sys; from uniframe.runtime.ports import PortMapping; "
+        "from uniframe.runtime.replica import ReplicaConfig; "
+        "from uniframe.runtime.runc.driver import RuncDriver, image_ref; "
+        "d = RuncDriver(); "
+        f"r = d.create(ReplicaConfig(image=image_ref({str(layout)!r}), name='detached', "
+        f"ports=(PortMapping({port}, {GUEST_PORT}),))); "
+        "d.start(r.id); print(r.id)"
+    )
+    started = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    replica = driver.get(started.stdout.strip())
+    assert wait_http(port).status_code == 200
+    assert driver.inspect("detached").state is ReplicaState.RUNNING
+    status = driver.stop("detached", timeout=5)
+    assert (status.state, status.exit_status) == (ReplicaState.EXITED, 0)
+    assert RuncDriver().inspect("detached") == status  # recorded once, read back by anyone
+    driver.remove("detached")
+    assert driver.leftovers(replica) == []
+    assert host_snapshot(replica.id) == NOTHING
 
 
 def test_stop_escalates_to_sigkill(driver: RuncDriver, tmp_path: Path, server_binary: bytes) -> None:
