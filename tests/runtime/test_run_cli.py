@@ -47,7 +47,9 @@ def test_qemu_missing_says_how_to_install(state_dir: Path, dummy_image: Path,
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_foreground_run_streams_console_and_ctrl_c_stops_gracefully(state_dir: Path, test_image: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_run_streams_console_and_ctrl_c_stops_gracefully(state_dir: Path, test_image: Path,
+                                                                    sig: signal.Signals) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uniframe.cli.main", "run", str(test_image), "-p", f"{port}:{GUEST_PORT}",
@@ -61,7 +63,7 @@ def test_foreground_run_streams_console_and_ctrl_c_stops_gracefully(state_dir: P
         seen += os.read(proc.stdout.fileno(), 4096)
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     seen += out
     assert proc.returncode == 0, err.decode()

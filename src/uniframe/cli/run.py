@@ -4,12 +4,14 @@ The commands are thin: each builds a :class:`QemuMicroVMDriver`, which finds
 every replica from its directory on disk, so ``run -d`` in one shell and
 ``ps``/``stop`` in another see the same replicas. ``run`` without ``-d`` is
 foreground: it streams the guest console until the guest exits and turns
-Ctrl-C into a graceful stop, and it exits with the guest's own exit status.
+Ctrl-C (or SIGTERM) into a graceful stop, and it exits with the guest's own
+exit status.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,10 @@ def _stream(driver: QemuMicroVMDriver, replica: Replica, offset: int) -> int:
     return offset
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _exit_code(status: ReplicaStatus) -> int:
     if status.state is ReplicaState.EXITED and status.exit_status is not None:
         return status.exit_status
@@ -73,7 +79,7 @@ def run(
     remove: bool = typer.Option(False, "--rm", help="remove the replica once it exits (foreground only)"),
     stop_timeout: float = typer.Option(10.0, "--stop-timeout", help="seconds a Ctrl-C stop waits for the guest"),
 ) -> None:
-    """Boot a unikernel image as a microVM (foreground unless -d)."""
+    """Boot a unikernel image as a microVM (foreground unless -d; Ctrl-C or SIGTERM stops it)."""
     config = ReplicaConfig(
         image=_image(image), name=name, cpus=cpus, memory_mib=_memory_mib(memory),
         ports=tuple(parse_port_mapping(p) for p in publish), accel=accel, network=net,
@@ -91,6 +97,7 @@ def run(
     err_console.print(f"[dim]replica {replica.id} ({replica.name}), accel {replica.accel}; "
                       "Ctrl-C stops it[/]")
     offset = replica.log_offset
+    signal.signal(signal.SIGTERM, _terminate)  # a supervisor's SIGTERM stops it like Ctrl-C
     try:
         offset = _stream(driver, replica, offset)
     except KeyboardInterrupt:
