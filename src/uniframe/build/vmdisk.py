@@ -215,6 +215,8 @@ def ensure_base(spec: BaseSpec | None = None) -> Base:
     key = spec.key()
     root = base_root()
     final = root / f"vm-{key}"
+    # Extra packages go on top of a copy of the plain base: one debootstrap serves every variant.
+    parent = ensure_base(replace(spec, extra_packages=())) if spec.extra_packages else None
     with _locked(root / f".vm-{key}.lock"):
         if (final / "base.json").is_file():
             return Base(final, key, json.loads((final / "base.json").read_text())["inputs"])
@@ -229,16 +231,19 @@ def ensure_base(spec: BaseSpec | None = None) -> Base:
             build_log = root / f"vm-{key}.log"   # kept beside the cache when a build fails
             build_log.write_text("")
             rootfs = scratch / "rootfs"
-            log.info("debootstrap %s (%s) into %s; this takes a few minutes", spec.suite,
-                     ", ".join(spec.all_packages()), rootfs)
-            # In a private mount namespace: debootstrap mounts /proc and /sys in
-            # the target, and a failed run must not leave them on the host.
-            _run(["unshare", "--mount", "--fork", debootstrap, "--variant=minbase",
-                  "--components=main", f"--include={','.join(spec.packages)}", spec.suite,
-                  rootfs, spec.mirror], "debootstrap", log_file=build_log)
-            if spec.extra_packages:
+            if parent is not None:
+                log.info("adding %s to a copy of the VM base %s", ", ".join(spec.extra_packages), parent.key)
+                _run(["cp", "-a", "--reflink=auto", parent.rootfs, rootfs], "copying the VM base")
                 _apt_install(rootfs, spec.extra_packages, build_log)
-            _configure_initramfs(rootfs, spec.initramfs_modules, build_log)
+            else:
+                log.info("debootstrap %s (%s) into %s; this takes a few minutes", spec.suite,
+                         ", ".join(spec.packages), rootfs)
+                # In a private mount namespace: debootstrap mounts /proc and /sys in
+                # the target, and a failed run must not leave them on the host.
+                _run(["unshare", "--mount", "--fork", debootstrap, "--variant=minbase",
+                      "--components=main", f"--include={','.join(spec.packages)}", spec.suite,
+                      rootfs, spec.mirror], "debootstrap", log_file=build_log)
+                _configure_initramfs(rootfs, spec.initramfs_modules, build_log)
             _scrub_base(rootfs)
             info = {"inputs": spec.inputs(), "seconds": round(time.monotonic() - started, 1)}
             (scratch / "base.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -497,12 +502,13 @@ def make_ext4(rootfs: Path, out: Path, fs_uuid: str, build_log: Path, *, label: 
     """``mke2fs -d``: the tree as an ext4 image file, with ``free_mib`` to spare; returns its size."""
     mke2fs = _require("mke2fs", "e2fsprogs")
     used = int(_run(["du", "-s", "-B1", "--apparent-size", rootfs], "measuring the VM rootfs").split()[0])
-    inodes = sum(len(d) + len(f) for _, d, f in os.walk(rootfs)) + 1
+    # Room for as many files again as the tree has, and for the inode table itself.
+    inodes = 2 * (sum(len(d) + len(f) for _, d, f in os.walk(rootfs)) + 1) + 1024
     size_mib = int(used * 1.15 / (1 << 20)) + inodes * 256 // (1 << 20) + free_mib
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(FAKE_TIME)}
     out.unlink(missing_ok=True)
     _run([mke2fs, "-q", "-F", "-t", "ext4", "-d", rootfs, "-L", label, "-U", fs_uuid,
-          "-E", f"hash_seed={fs_uuid},root_owner=0:0", "-N", str(inodes + 32768), "-m", "0",
+          "-E", f"hash_seed={fs_uuid},root_owner=0:0", "-N", str(inodes), "-m", "0",
           out, f"{size_mib}M"], "mke2fs -d (packing the VM rootfs)", env=env, log_file=build_log)
     _pin_ctimes(rootfs, out, build_log)
     return size_mib << 20

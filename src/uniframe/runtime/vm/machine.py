@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from uniframe.runtime.qemu.microvm import accel_args
+from uniframe.runtime.qemu.microvm import accel_args, qemu_opt
 
 DEFAULT_TB_SIZE_MIB = 128
 
@@ -55,7 +55,7 @@ class FullVM:
         argv = [self.qemu, "-M", "q35", *accel_args(self.accel, self.tb_size or tb_size_mib()),
                 "-smp", str(self.cpus), "-m", f"{self.memory_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,discard=unmap"]
+                "-drive", f"file={qemu_opt(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap"]
         # With -kernel, QEMU's own loader ROM holds boot index 0; without it, the disk boots.
         argv += ["-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if self.kernel is None else "")]
         if self.kernel is not None:
@@ -63,11 +63,11 @@ class FullVM:
             if self.initrd is not None:
                 argv += ["-initrd", str(self.initrd)]
         if self.seed is not None:
-            argv += ["-drive", f"file={self.seed},if=none,id=seed,format=raw,readonly=on",
+            argv += ["-drive", f"file={qemu_opt(self.seed)},if=none,id=seed,format=raw,readonly=on",
                      "-device", "virtio-blk-pci,drive=seed"]
         if self.netdev is not None:
             argv += ["-netdev", self.netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
         argv += ["-device", "virtio-rng-pci", *self.serial]
         if self.qmp_socket is not None:
-            argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+            argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
         return argv
