@@ -37,6 +37,7 @@ from typing import ClassVar
 from uniframe.build.cloudinit import make_nocloud_seed
 from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortInUseError, ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu.accel import choose_accel
@@ -77,10 +78,10 @@ def _tail(path: Path, lines: int = 5) -> str:
     return "\n".join(line for line in text.strip().splitlines()[-lines:] if not line.startswith("+ "))
 
 
-class QemuVMDriver:
+class QemuVMDriver(Driver):
     """Create, start, stop, inspect and remove full-VM replicas on this host."""
 
-    kind = "qemu-vm"
+    kind: ClassVar[str] = "qemu-vm"
     capabilities: ClassVar[frozenset[str]] = frozenset({
         "kernel-boot",      # our VM images: -kernel/-initrd/-append
         "firmware-boot",    # users' raw/qcow2 disks through SeaBIOS
