@@ -46,6 +46,9 @@ MODEL_DIR = "/srv/models"
 SERVER_MODULE = "uniframe.serve"
 # The fastest boot measured under TCG (bench/unikernel_bench.py): see docs/architecture.md.
 DEFAULT_COMPRESSION: initramfs.Method = "lz4"
+# One thread for the numeric libraries: a replica is one core's worth of work,
+# and thread pools only cost start-up time and memory (scale out with replicas).
+GUEST_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,85 @@ def _root_entries(root: Path) -> Iterator[initramfs.Entry]:
                 yield initramfs.File(image_path, full, st.st_mode & 0o777)
 
 
+@dataclass(frozen=True)
+class AppRoot:
+    """The traced, materialized root of the model server for one service, before packaging."""
+
+    root: Path
+    model: ResolvedModel
+    signature: dict[str, list[dict[str, Any]]]
+    image_model: str
+    guest_args: list[str]
+    closure: Closure
+    stats: MaterializeStats
+
+
+def prepare_app_root(service: InferenceService, staging: Path, say: Progress,
+                     timings: dict[str, float]) -> AppRoot:
+    """Resolve the model, trace the server once (with a real inference), materialize its files."""
+    say("resolving the model")
+    model = resolve_model(service, staging / "model")
+    image_model = f"{MODEL_DIR}/{model.name}/{model.version}/model.onnx"
+    signature = model_signature(model)
+
+    say("tracing the model server (one real inference)")
+    t = time.monotonic()
+    port = _free_port()
+    args = server_args(service, str(model.path), model)
+    args[args.index("--port") + 1] = str(port)
+    home = staging / "home"
+    home.mkdir()
+    closure = trace(
+        [SERVER_MODULE, *args, "--host", "127.0.0.1"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+             **GUEST_ENV, **service.spec.env},
+        ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
+        warmup=[WarmupRequest("POST", f"/v2/models/{model.name}/infer",
+                              sample_request(signature["inputs"]),
+                              {"Content-Type": "application/json"})],
+        extra_imports=["uniframe.guest.init"],
+        cwd=staging,
+    )
+    timings["trace"] = time.monotonic() - t
+
+    say(f"copying {len(closure.files())} files into the root (strip, compile)")
+    t = time.monotonic()
+    root = staging / "root"
+    stats = materialize(closure, root)
+    timings["materialize"] = time.monotonic() - t
+    return AppRoot(root, model, signature, image_model, server_args(service, image_model, model),
+                   closure, stats)
+
+
+def _common_manifest(service: InferenceService, app: AppRoot, source_digest: str) -> dict[str, Any]:
+    """What every image of an InferenceService records, whatever its runtime."""
+    return {
+        "schema": 1,
+        "name": service.metadata.name,
+        "entrypoint": [app.closure.interpreter, "-m", SERVER_MODULE, *app.guest_args],
+        "port": service.spec.port,
+        "model": {"name": app.model.name, "version": app.model.version, "sha256": app.model.sha256,
+                  "path": app.image_model, "bytes": app.model.size, **app.signature},
+        "file_count": app.stats.files + app.stats.symlinks + 1,  # + the model
+        "executables": sorted(os.path.realpath(e.image_path) for e in app.closure.executables()),
+        "setuid": 0,  # materialize never carries setuid/setgid bits
+        "packages": [{"package": r.package, "files": r.files, "bytes": r.bytes}
+                     for r in app.closure.by_package()],
+        "resources": {"cpus": service.spec.resources.cpus, "memory": service.spec.resources.memory},
+        "source_spec_digest": source_digest,
+    }
+
+
+def _build_info(timings: dict[str, float], app: AppRoot) -> str:
+    return json.dumps({
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "trace_seconds": app.closure.trace_seconds,
+        "materialize": {"bytes_before_strip": app.stats.bytes_before_strip,
+                        "bytes": app.stats.total_bytes, "stripped_files": app.stats.stripped_files},
+    }, indent=2) + "\n"
+
+
 def build_unikernel(
     service: InferenceService,
     *,
@@ -147,40 +229,11 @@ def build_unikernel(
     t0 = time.monotonic()
     staging = store.staging_dir()
     try:
-        say("resolving the model")
-        model = resolve_model(service, staging / "model")
-        image_model = f"{MODEL_DIR}/{model.name}/{model.version}/model.onnx"
-        signature = model_signature(model)
-
-        say("tracing the model server (one real inference)")
-        t = time.monotonic()
-        port = _free_port()
-        args = server_args(service, str(model.path), model)
-        args[args.index("--port") + 1] = str(port)
-        home = staging / "home"
-        home.mkdir()
-        closure = trace(
-            [SERVER_MODULE, *args, "--host", "127.0.0.1"],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-                 **service.spec.env},
-            ready_url=f"http://127.0.0.1:{port}/v2/health/ready",
-            warmup=[WarmupRequest("POST", f"/v2/models/{model.name}/infer", sample_request(signature["inputs"]),
-                                  {"Content-Type": "application/json"})],
-            extra_imports=["uniframe.guest.init"],
-            cwd=staging,
-        )
-        timings["trace"] = time.monotonic() - t
-
-        say(f"copying {len(closure.files())} files into the root (strip, compile)")
-        t = time.monotonic()
-        root = staging / "root"
-        stats = materialize(closure, root)
-        timings["materialize"] = time.monotonic() - t
-
-        init_text = render_init_script(closure.interpreter, _host_sys_path())
+        app = prepare_app_root(service, staging, say, timings)
+        init_text = render_init_script(app.closure.interpreter, _host_sys_path())
         extra: list[initramfs.Entry] = [
             initramfs.File("/init", init_text.encode(), 0o755),
-            initramfs.File(image_model, model.path, 0o644),
+            initramfs.File(app.image_model, app.model.path, 0o644),
             *(initramfs.Directory(p) for p in MOUNT_POINTS),
             *(initramfs.Device(path, "c", major, minor, mode)
               for path, _kind, major, minor, mode in DEVICE_NODES),
@@ -190,8 +243,8 @@ def build_unikernel(
         t = time.monotonic()
         image_dir = staging / "image"
         image_dir.mkdir()
-        raw_bytes = _count_bytes(root) + model.size + len(init_text)
-        initramfs.write_initramfs([*_root_entries(root), *extra], image_dir / "initrd", method)
+        raw_bytes = _count_bytes(app.root) + app.model.size + len(init_text)
+        initramfs.write_initramfs([*_root_entries(app.root), *extra], image_dir / "initrd", method)
         timings["initramfs"] = time.monotonic() - t
 
         say("getting the kernel")
@@ -205,43 +258,25 @@ def build_unikernel(
         shutil.copyfile(boot_file, image_dir / "kernel")
         timings["kernel"] = time.monotonic() - t
 
-        guest_args = server_args(service, image_model, model)
         cmdline = " ".join([*KERNEL_ARGS, "quiet", encode_cmdline(
-            SERVER_MODULE, guest_args, dict(service.spec.env), port=service.spec.port,
-            hostname=service.metadata.name)])
-        manifest: dict[str, Any] = {
-            "schema": 1,
+            SERVER_MODULE, app.guest_args, {**GUEST_ENV, **service.spec.env},
+            port=service.spec.port, hostname=service.metadata.name)])
+        manifest = _common_manifest(service, app, source_digest)
+        manifest.update({
             "kind": "unikernel",
-            "name": service.metadata.name,
             "files": {"kernel": {"path": "kernel"}, "initrd": {"path": "initrd"}},
             "cmdline": cmdline,
-            "entrypoint": [closure.interpreter, "-m", SERVER_MODULE, *guest_args],
-            "port": service.spec.port,
-            "model": {"name": model.name, "version": model.version, "sha256": model.sha256,
-                      "path": image_model, "bytes": model.size, **signature},
             "kernel": {"key": kernel.key, "config_hash": kernel.config_hash,
                        "source_version": kernel.source_version,
                        "boot": "bzimage" if boot_file == kernel.bzimage else str(kernel.boot)},
             "initrd": {"compression": method, "uncompressed_bytes": raw_bytes},
-            "file_count": stats.files + stats.symlinks + 1 + 1,  # + /init + the model
-            "executables": sorted(e.image_path for e in closure.executables()),
-            "packages": [{"package": r.package, "files": r.files, "bytes": r.bytes}
-                         for r in closure.by_package()],
-            "resources": {"cpus": service.spec.resources.cpus,
-                          "memory": service.spec.resources.memory},
-            "source_spec_digest": source_digest,
-        }
+        })
+        manifest["file_count"] += 1  # /init
         finalize_manifest(image_dir, manifest)
         timings["total"] = time.monotonic() - t0
-        (image_dir / BUILD_INFO).write_text(json.dumps({
-            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "trace_seconds": closure.trace_seconds,
-            "materialize": {"bytes_before_strip": stats.bytes_before_strip,
-                            "bytes": stats.total_bytes, "stripped_files": stats.stripped_files},
-        }, indent=2) + "\n")
+        (image_dir / BUILD_INFO).write_text(_build_info(timings, app))
         image = store.add_dir(image_dir, name=service.metadata.name, move=True)
-        return BuildResult(image, closure, stats, kernel, timings)
+        return BuildResult(image, app.closure, app.stats, kernel, timings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -30,15 +30,20 @@ class ImageRef:
     kernel: Path
     initrd: Path
     cmdline: str = ""
+    kind: str = "unikernel"  # the image's kind: unikernel, oci, vm, process
+    path: Path | None = None  # the image directory (or OCI layout, or disk) drivers read from
 
     def to_json(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "kernel": str(self.kernel),
-                "initrd": str(self.initrd), "cmdline": self.cmdline}
+                "initrd": str(self.initrd), "cmdline": self.cmdline, "kind": self.kind,
+                "path": str(self.path) if self.path is not None else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageRef:
+        path = data.get("path")
         return cls(str(data["ref"]), str(data["digest"]), Path(data["kernel"]),
-                   Path(data["initrd"]), str(data.get("cmdline", "")))
+                   Path(data["initrd"]), str(data.get("cmdline", "")),
+                   str(data.get("kind", "unikernel")), Path(path) if path else None)
 
 
 @dataclass(frozen=True)

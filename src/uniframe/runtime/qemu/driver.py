@@ -37,6 +37,7 @@ from pathlib import Path
 
 from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortInUseError, ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu import network as network
@@ -79,10 +80,11 @@ def _tail(path: Path, lines: int = 5) -> str:
     return "\n".join(line for line in text.strip().splitlines()[-lines:] if not line.startswith("+ "))
 
 
-class QemuMicroVMDriver:
+class QemuMicroVMDriver(Driver):
     """Create, start, stop, inspect and remove microVM replicas on this host."""
 
     kind = "qemu-microvm"
+    capabilities = frozenset({"port-forward", "bridge-network", "console", "logs"})
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or state_dir() / "replicas"
@@ -106,7 +108,9 @@ class QemuMicroVMDriver:
         for d in self.root.iterdir():
             if (d / REPLICA_FILE).is_file():
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    replicas.append(self._load(d))
+                    replica = self._load(d)
+                    if replica.driver == self.kind:
+                        replicas.append(replica)
         return sorted(replicas, key=lambda r: (r.created_at, r.id))
 
     def get(self, ref: str) -> Replica:

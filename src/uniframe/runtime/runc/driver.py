@@ -43,6 +43,7 @@ from uniframe.build.oci import RuntimeOptions, bundle_from_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
 from uniframe.paths import state_dir
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import (
@@ -118,7 +119,7 @@ def resolve_image(ref: str, store: ImageStore | None = None) -> Path:
     return image.dir
 
 
-class RuncDriver:
+class RuncDriver(Driver):
     """Create, start, stop, inspect and remove container replicas with runc (root only)."""
 
     kind = "runc"

@@ -1,0 +1,142 @@
+"""The one interface every runtime implements, and the map from runtimes to drivers.
+
+The control plane and the CLI speak only this interface: create a replica
+from an image, start, stop, inspect, read logs, remove. What a driver can do
+beyond that is declared in ``capabilities`` (a set of plain strings) so
+callers ask instead of guessing::
+
+    port-forward     published host ports reach the replica
+    bridge-network   the replica can get its own address on a host bridge (root)
+    host-network     the replica can share the host's network
+    cgroup-limits    CPU and memory limits are enforced by cgroups
+    console          a serial console the host can type into
+    snapshot         the replica can be saved and restored (QEMU migration)
+    logs             logs can be read and followed
+
+Every driver keeps each replica's truth in ``<state>/replicas/<id>/`` with
+the ``driver`` field naming its kind, so a fresh process finds any replica
+and the driver that owns it (:func:`find`).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from uniframe.errors import RuntimeDriverError
+from uniframe.paths import state_dir
+from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaStatus
+
+REPLICA_FILE = "replica.json"
+
+# spec.runtime -> the driver kind that runs it; image kind -> the same.
+RUNTIME_DRIVERS = {"unikernel": "qemu-microvm", "vm": "qemu-vm", "container": "runc",
+                   "process": "process"}
+IMAGE_KIND_RUNTIMES = {"unikernel": "unikernel", "vm": "vm", "oci": "container",
+                       "process": "process"}
+
+
+class Driver(abc.ABC):
+    """Create, start, stop, inspect and remove replicas of one runtime on this host."""
+
+    kind: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    def create(self, config: ReplicaConfig) -> Replica:
+        """Record a new replica on disk; nothing runs until :meth:`start`."""
+
+    @abc.abstractmethod
+    def start(self, ref: str) -> Replica:
+        """Start the replica detached and return once it is launched (not yet ready)."""
+
+    @abc.abstractmethod
+    def stop(self, ref: str, timeout: float = 10.0) -> ReplicaStatus:
+        """Ask the replica to stop gracefully, force it after ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def remove(self, ref: str, force: bool = False) -> Replica:
+        """Delete the replica and everything it holds on the host (refuse if running unless forced)."""
+
+    @abc.abstractmethod
+    def inspect(self, ref: str) -> ReplicaStatus:
+        """Running, or how it ended."""
+
+    @abc.abstractmethod
+    def wait(self, ref: str, timeout: float | None = None) -> ReplicaStatus:
+        """Block until the replica is no longer running (or ``timeout``)."""
+
+    @abc.abstractmethod
+    def logs(self, ref: str, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
+        """The replica's console or stdout/stderr, from ``offset``; ``follow`` until it stops."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Replica]:
+        """This driver's replicas recorded on disk, oldest first."""
+
+    @abc.abstractmethod
+    def get(self, ref: str) -> Replica:
+        """A replica by id, unique id prefix or name."""
+
+
+def driver_for(kind: str, root: Path | None = None) -> Driver:
+    """The driver of ``kind`` (``qemu-microvm``, ``qemu-vm``, ``runc``, ``process``)."""
+    if kind == "qemu-microvm":
+        from uniframe.runtime.qemu.driver import QemuMicroVMDriver
+
+        return QemuMicroVMDriver(root)
+    if kind == "qemu-vm":
+        from uniframe.runtime.vm.driver import QemuVMDriver
+
+        return QemuVMDriver(root)
+    if kind == "runc":
+        from uniframe.runtime.runc.driver import RuncDriver
+
+        return RuncDriver(root)
+    if kind == "process":
+        from uniframe.runtime.local import ProcessDriver
+
+        return ProcessDriver(root)
+    raise RuntimeDriverError(f"unknown driver {kind!r}; drivers: {', '.join(RUNTIME_DRIVERS.values())}")
+
+
+def driver_for_runtime(runtime: str, root: Path | None = None) -> Driver:
+    try:
+        return driver_for(RUNTIME_DRIVERS[runtime], root)
+    except KeyError:
+        raise RuntimeDriverError(
+            f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIME_DRIVERS)}") from None
+
+
+def all_replicas(root: Path | None = None) -> list[Replica]:
+    """Every replica of every driver, oldest first."""
+    out: list[Replica] = []
+    for kind in RUNTIME_DRIVERS.values():
+        out += driver_for(kind, root).list()
+    return sorted(out, key=lambda r: (r.created_at, r.id))
+
+
+def find(ref: str, root: Path | None = None) -> tuple[Driver, Replica]:
+    """The replica called ``ref`` (id, id prefix or name) and the driver that owns it."""
+    base = root or state_dir() / "replicas"
+    kinds: dict[str, str] = {}
+    if base.is_dir():
+        for d in base.iterdir():
+            try:
+                data = json.loads((d / REPLICA_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            kinds[str(data.get("id"))] = str(data.get("driver"))
+            kinds.setdefault(str(data.get("name")), str(data.get("driver")))
+    kind = kinds.get(ref)
+    if kind is None:
+        prefixed = {k for i, k in kinds.items() if ref and i.startswith(ref)}
+        kind = prefixed.pop() if len(prefixed) == 1 else None
+    if kind is None:
+        known = ", ".join(sorted(kinds)) or "none"
+        raise RuntimeDriverError(f"no replica {ref!r} (replicas: {known}); see 'uniframe ps -a'")
+    driver = driver_for(kind, root)
+    return driver, driver.get(ref)
