@@ -284,7 +284,8 @@ def write_image_layout(
     return str(manifest_desc["digest"])
 
 
-def add_layout_to_store(layout: Path, name: str | None = None, store: ImageStore | None = None) -> Image:
+def add_layout_to_store(layout: Path, name: str | None = None, store: ImageStore | None = None,
+                        extra: dict[str, Any] | None = None) -> Image:
     """Put an OCI layout into the image store as an image of kind ``oci``.
 
     The store's ``manifest.json`` sits beside the layout's own files (OCI
@@ -304,7 +305,7 @@ def add_layout_to_store(layout: Path, name: str | None = None, store: ImageStore
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
             files[rel] = {"path": rel}
-        finalize_manifest(staging, {"kind": "oci", "name": name or layout.name,
+        finalize_manifest(staging, {**(extra or {}), "kind": "oci", "name": name or layout.name,
                                     "oci_manifest": read.manifest_digest, "files": files})
         return store.add_dir(staging, name, move=True)
     finally:

@@ -12,10 +12,13 @@ from rich.table import Table
 from uniframe.build.store import Image, ImageStore
 from uniframe.cli.app import app, console, err_console, fail
 
+IRIS_REQUEST = b'{"inputs":[{"name":"X","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+
 image_app = typer.Typer(help="Inspect and remove images in the local store.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+RUNTIMES = ("unikernel", "container", "vm", "process")
 
 
 def _mb(n: int | float) -> str:
@@ -26,19 +29,27 @@ def _mb(n: int | float) -> str:
 def build(
     spec: Path = typer.Argument(..., help="spec file (YAML) with an InferenceService"),
     name: str = typer.Option(None, "--name", help="which service, if the file has several"),
+    runtime: str = typer.Option(None, "--runtime",
+                                help="unikernel, container, vm or process (default: the spec's)"),
+    conventional: bool = typer.Option(False, "--conventional",
+                                      help="with --runtime container: the Debian-based image "
+                                           "(debootstrap + python3 + pip) instead of the traced one"),
     compression: str = typer.Option(None, "--compression",
-                                    help="initramfs compression: none, gzip, lz4 or zstd "
+                                    help="unikernel initramfs compression: none, gzip, lz4 or zstd "
                                          "(default: the spec's, else the fastest-booting)"),
     verify: bool = typer.Option(True, "--verify/--no-verify",
-                                help="boot the image and answer one inference before accepting it"),
+                                help="start the image and answer one inference before accepting it"),
     output: str = typer.Option("table", "-o", "--output", help="table or json"),
 ) -> None:
-    """Build an InferenceService into a unikernel image, then prove it by booting it."""
+    """Build an InferenceService into an image for its runtime, then prove it by running it."""
+    from uniframe.build.images import build_image
     from uniframe.build.unikernel import build_unikernel
     from uniframe.spec import InferenceService, load_file
 
     if compression is not None and compression not in COMPRESSIONS:
         raise fail(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise fail(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     docs = [d for d in load_file(spec) if isinstance(d.spec, InferenceService)]
     if name:
         docs = [d for d in docs if d.spec.metadata.name == name]
@@ -48,72 +59,96 @@ def build(
     for doc in docs:
         service = doc.spec
         assert isinstance(service, InferenceService)
-        if service.spec.runtime != "unikernel":
-            raise fail(f"{doc.where}: spec.runtime is {service.spec.runtime!r}; "
-                       "this uniframe builds unikernel images (runtime: unikernel)")
+        target = runtime or service.spec.runtime
         method = compression or (service.spec.image.compression if "compression" in
                                  service.spec.image.model_fields_set else None)
-        with console.status(f"building {service.metadata.name}") as status:
-            prefix = service.metadata.name
+        with console.status(f"building {service.metadata.name} ({target})") as status:
+            prefix = f"{service.metadata.name} ({target})"
 
             def progress(msg: str, prefix: str = prefix) -> None:
                 status.update(f"{prefix}: {msg}")
 
-            result = build_unikernel(
-                service, source_digest=doc.digest(), compression=method,  # type: ignore[arg-type]
-                progress=progress)
-        summary = _summary(result.image)
-        summary["timings"] = {k: round(v, 2) for k, v in result.timings.items()}
+            if target == "unikernel":
+                result = build_unikernel(service, source_digest=doc.digest(),
+                                         compression=method,  # type: ignore[arg-type]
+                                         progress=progress)
+                image = result.image
+                timings = result.timings
+            else:
+                image = build_image(service, source_digest=doc.digest(),
+                                    runtime=target,  # type: ignore[arg-type]
+                                    conventional=conventional, progress=progress)
+                timings = {}
+        summary = _summary(image)
+        summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
         if verify:
-            summary["verify"] = _verify(result.image, output == "table")
+            summary["verify"] = _verify(image, output == "table")
         results.append(summary)
         if output == "table":
-            _print_summary(result.image, summary)
+            _print_summary(image, summary)
     if output == "json":
         console.print_json(data=results if len(results) > 1 else results[0])
 
 
 def _verify(image: Image, show: bool) -> dict[str, Any]:
+    from uniframe.build.images import image_model_inputs
     from uniframe.build.unikernel import sample_request
     from uniframe.runtime.verify import boot_and_infer
 
-    body = sample_request(image.manifest["model"]["inputs"])
+    inputs = image_model_inputs(image)
+    body = sample_request(inputs) if inputs else IRIS_REQUEST
     if show:
-        with console.status("proving the image: booting it and sending one inference"):
-            proof = boot_and_infer(image, body)
+        with console.status(f"proving the image: starting it ({image.kind}) and sending one inference"):
+            proof = boot_and_infer(image, body, timeout=300 if image.kind == "vm" else 120)
     else:
-        proof = boot_and_infer(image, body)
+        proof = boot_and_infer(image, body, timeout=300 if image.kind == "vm" else 120)
     return {"seconds_to_first_inference": round(proof.seconds_to_first_inference, 2),
             "accel": proof.accel, "stopped": proof.stop_state, "exit_status": proof.exit_status}
 
 
 def _summary(image: Image) -> dict[str, Any]:
     m = image.manifest
+    files = m.get("files", {})
+    rootfs = m.get("rootfs", {})
     return {
         "image": image.digest, "names": list(image.names), "kind": image.kind,
-        "kernel_bytes": m["files"]["kernel"]["size"], "initrd_bytes": m["files"]["initrd"]["size"],
-        "initrd_uncompressed_bytes": m["initrd"]["uncompressed_bytes"],
-        "compression": m["initrd"]["compression"], "files": m["file_count"],
-        "executables": m["executables"], "packages": m["packages"],
+        "bytes": image.size_bytes(),
+        "kernel_bytes": files.get("kernel", {}).get("size"),
+        "initrd_bytes": files.get("initrd", {}).get("size"),
+        "initrd_uncompressed_bytes": m.get("initrd", {}).get("uncompressed_bytes"),
+        "compression": m.get("initrd", {}).get("compression"),
+        "files": m.get("file_count", rootfs.get("files")),
+        "executables": m.get("executables", []),
+        "executables_count": len(m["executables"]) if "executables" in m
+        else m.get("executables_count", rootfs.get("executables")),
+        "setuid": m.get("setuid", rootfs.get("setuid")),
+        "packages": m.get("packages", []),
     }
 
 
 def _print_summary(image: Image, s: dict[str, Any]) -> None:
-    console.print(f"[bold green]built[/] {', '.join(image.names)}  {image.digest}")
-    console.print(f"  kernel {_mb(s['kernel_bytes'])}, initrd {_mb(s['initrd_bytes'])} "
-                  f"({s['compression']}; {_mb(s['initrd_uncompressed_bytes'])} unpacked), "
-                  f"{s['files']} files, {len(s['executables'])} executable(s): "
-                  f"{', '.join(s['executables'])}")
-    table = Table("package", "files", "bytes", title="what the image is made of", title_justify="left")
-    for row in s["packages"]:
-        table.add_row(row["package"], str(row["files"]), _mb(row["bytes"]))
-    console.print(table)
-    console.print("  timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
+    console.print(f"[bold green]built[/] {image.kind} image {', '.join(image.names)}  {image.digest}")
+    if image.kind == "unikernel":
+        console.print(f"  kernel {_mb(s['kernel_bytes'])}, initrd {_mb(s['initrd_bytes'])} "
+                      f"({s['compression']}; {_mb(s['initrd_uncompressed_bytes'])} unpacked), "
+                      f"{s['files']} files, {len(s['executables'])} executable(s): "
+                      f"{', '.join(s['executables'])}")
+    else:
+        console.print(f"  {_mb(s['bytes'])} on disk, {s['files']} files, {s['executables_count']} "
+                      f"executables, {s['setuid']} setuid/setgid files")
+    if s["packages"]:
+        table = Table("package", "files", "bytes", title="what the image is made of",
+                      title_justify="left")
+        for row in s["packages"]:
+            table.add_row(row["package"], str(row["files"]), _mb(row["bytes"]))
+        console.print(table)
+    if s["timings"]:
+        console.print("  timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
     if "verify" in s:
         v = s["verify"]
-        console.print(f"[bold green]proved[/]: booted ({v['accel']}) and answered an inference "
-                      f"{v['seconds_to_first_inference']:.2f} s after QEMU started; stopped cleanly "
-                      f"({v['stopped']}, exit status {v['exit_status']})")
+        console.print(f"[bold green]proved[/]: started ({image.kind}, {v['accel']}) and answered an "
+                      f"inference {v['seconds_to_first_inference']:.2f} s after launch; stopped "
+                      f"cleanly ({v['stopped']}, exit status {v['exit_status']})")
 
 
 @app.command("images")

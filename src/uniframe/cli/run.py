@@ -20,20 +20,17 @@ import typer
 
 from uniframe.build.store import ImageStore
 from uniframe.cli.app import app, console, err_console, fail
-from uniframe.errors import ImageError
+from uniframe.runtime.driver import Driver, all_replicas, driver_for, find
 from uniframe.runtime.ports import parse_port_mapping
-from uniframe.runtime.qemu.driver import QemuMicroVMDriver
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig, ReplicaState, ReplicaStatus
+from uniframe.runtime.verify import driver_for_image, image_ref
 from uniframe.spec.units import parse_size
 
 
-def _image(ref: str) -> ImageRef:
-    """The seam between the image store and the runtime: an image becomes boot files."""
+def _image(ref: str) -> tuple[ImageRef, Driver]:
+    """The seam between the image store and the runtimes: an image and the driver that runs it."""
     image = ImageStore().resolve(ref)
-    if image.kind != "unikernel":
-        raise ImageError(f"image {ref} is a {image.kind} image; 'uniframe run' boots unikernel images")
-    return ImageRef(ref=ref, digest=image.digest, kernel=image.kernel, initrd=image.initrd,
-                    cmdline=image.cmdline)
+    return image_ref(image), driver_for_image(image)
 
 
 def _memory_mib(text: str) -> int:
@@ -46,7 +43,7 @@ def _memory_mib(text: str) -> int:
     return size >> 20
 
 
-def _stream(driver: QemuMicroVMDriver, replica: Replica, offset: int) -> int:
+def _stream(driver: Driver, replica: Replica, offset: int) -> int:
     """Copy the console to stdout from ``offset`` until the guest stops; return the new offset."""
     out = sys.stdout.buffer
     for chunk in driver.logs(replica.id, follow=True, offset=offset):
@@ -79,12 +76,13 @@ def run(
     remove: bool = typer.Option(False, "--rm", help="remove the replica once it exits (foreground only)"),
     stop_timeout: float = typer.Option(10.0, "--stop-timeout", help="seconds a Ctrl-C stop waits for the guest"),
 ) -> None:
-    """Boot a unikernel image as a microVM (foreground unless -d; Ctrl-C or SIGTERM stops it)."""
+    """Run an image: unikernel as a microVM, vm as a full VM, oci as a container, process as a
+    host process (foreground unless -d; Ctrl-C or SIGTERM stops it)."""
+    ref, driver = _image(image)
     config = ReplicaConfig(
-        image=_image(image), name=name, cpus=cpus, memory_mib=_memory_mib(memory),
+        image=ref, name=name, cpus=cpus, memory_mib=_memory_mib(memory),
         ports=tuple(parse_port_mapping(p) for p in publish), accel=accel, network=net,
     )
-    driver = QemuMicroVMDriver()
     replica = driver.create(config)
     try:
         replica = driver.start(replica.id)
@@ -94,8 +92,8 @@ def run(
     if detach:
         console.print(replica.id)
         return
-    err_console.print(f"[dim]replica {replica.id} ({replica.name}), accel {replica.accel}; "
-                      "Ctrl-C stops it[/]")
+    err_console.print(f"[dim]replica {replica.id} ({replica.name}, {driver.kind}"
+                      f"{', accel ' + replica.accel if replica.accel else ''}); Ctrl-C stops it[/]")
     offset = replica.log_offset
     signal.signal(signal.SIGTERM, _terminate)  # a supervisor's SIGTERM stops it like Ctrl-C
     try:
@@ -138,8 +136,7 @@ def ps(
     output: str = typer.Option("table", "-o", "--output", help="table or json"),
 ) -> None:
     """List replicas (running ones unless -a)."""
-    driver = QemuMicroVMDriver()
-    rows = [(r, driver.inspect(r.id)) for r in driver.list()]
+    rows = [(r, driver_for(r.driver).inspect(r.id)) for r in all_replicas()]
     if not all_:
         rows = [(r, s) for r, s in rows if s.state is ReplicaState.RUNNING]
     if output == "json":
@@ -148,9 +145,9 @@ def ps(
         return
     if output != "table":
         raise fail(f"-o {output}: use table or json")
-    header = ("ID", "NAME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL")
+    header = ("ID", "NAME", "RUNTIME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL")
     lines = [header] + [
-        (r.id, r.name, _image_label(r), _state_text(s),
+        (r.id, r.name, r.driver, _image_label(r), _state_text(s),
          ",".join(str(p) for p in r.config.ports) or "-", _uptime(r, s), r.accel or "-")
         for r, s in rows
     ]
@@ -170,8 +167,8 @@ def logs(
     replica: str = typer.Argument(..., help="replica id (or unique prefix) or name"),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep printing until the replica stops"),
 ) -> None:
-    """Print a replica's console log."""
-    driver = QemuMicroVMDriver()
+    """Print a replica's console log (VMs) or output (containers, processes)."""
+    driver, _found = find(replica)
     out = sys.stdout.buffer
     try:
         for chunk in driver.logs(replica, follow=follow):
@@ -186,10 +183,9 @@ def stop(
     replicas: list[str] = typer.Argument(..., help="replica ids or names"),
     timeout: float = typer.Option(10.0, "--timeout", "-t", help="seconds to wait for a graceful shutdown"),
 ) -> None:
-    """Stop replicas: a shutdown request to the guest, then QMP quit, then SIGKILL."""
-    driver = QemuMicroVMDriver()
+    """Stop replicas gracefully (guest shutdown request or SIGTERM), then force them."""
     for ref in replicas:
-        replica = driver.get(ref)
+        driver, replica = find(ref)
         status = driver.stop(replica.id, timeout=timeout)
         detail = f" ({status.detail})" if status.state is ReplicaState.CRASHED else ""
         console.print(f"{replica.id} {replica.name}: {_state_text(status)}{detail}")
@@ -201,9 +197,9 @@ def rm(
     force: bool = typer.Option(False, "-f", "--force", help="kill running replicas first"),
 ) -> None:
     """Remove replicas and their logs."""
-    driver = QemuMicroVMDriver()
     for ref in replicas:
-        replica = driver.remove(ref, force=force)
+        driver, found = find(ref)
+        replica = driver.remove(found.id, force=force)
         console.print(f"{replica.id} {replica.name}: removed")
 
 

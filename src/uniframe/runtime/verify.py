@@ -15,12 +15,14 @@ import json
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from uniframe.build.images import image_model_name, image_port
 from uniframe.build.store import Image
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime.driver import IMAGE_KIND_RUNTIMES, Driver, driver_for_runtime
 from uniframe.runtime.ports import PortMapping
-from uniframe.runtime.qemu.driver import QemuMicroVMDriver
 from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
 
 
@@ -51,8 +53,22 @@ def _post(port: int, path: str, body: bytes, timeout: float) -> tuple[int, bytes
 
 
 def image_ref(image: Image) -> ImageRef:
-    return ImageRef(ref=image.names[0] if image.names else image.short, digest=image.digest,
-                    kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
+    """What a driver needs to know of a stored image, whatever its kind."""
+    ref = image.names[0] if image.names else image.short
+    if image.kind in ("unikernel", "vm"):
+        return ImageRef(ref=ref, digest=image.digest, kernel=image.kernel, initrd=image.initrd,
+                        cmdline=image.cmdline, kind=image.kind, path=image.dir)
+    return ImageRef(ref=ref if image.names or image.kind != "oci" else str(image.dir),
+                    digest=image.digest,
+                    kernel=Path(), initrd=Path(), kind=image.kind, path=image.dir)
+
+
+def driver_for_image(image: Image, root: Path | None = None) -> Driver:
+    try:
+        runtime = IMAGE_KIND_RUNTIMES[image.kind]
+    except KeyError:
+        raise RuntimeDriverError(f"image {image.short} is of kind {image.kind!r}, which no driver runs") from None
+    return driver_for_runtime(runtime, root)
 
 
 def boot_and_infer(
@@ -60,7 +76,7 @@ def boot_and_infer(
     body: bytes,
     *,
     timeout: float = 120.0,
-    driver: QemuMicroVMDriver | None = None,
+    driver: Driver | None = None,
     memory_mib: int | None = None,
     accel: str = "auto",
     keep: bool = False,
@@ -70,16 +86,17 @@ def boot_and_infer(
     The clock starts when QEMU is launched. A guest that exits, or no answer
     within ``timeout``, raises :class:`RuntimeDriverError` with the console tail.
     """
-    driver = driver or QemuMicroVMDriver()
-    model = image.manifest["model"]
-    guest_port = int(image.manifest["port"])
+    driver = driver or driver_for_image(image)
+    model_name = image_model_name(image)
+    guest_port = image_port(image)
     resources = image.manifest.get("resources", {})
-    mem = memory_mib or max(256, int(resources.get("memory", 256 << 20)) >> 20)
+    floor = 512 if image.kind == "vm" else 256  # a full Debian VM needs room for systemd
+    mem = memory_mib or max(floor, int(resources.get("memory", 256 << 20)) >> 20)
     host_port = free_port()
     replica = driver.create(ReplicaConfig(
         image=image_ref(image), cpus=max(1, round(float(resources.get("cpus", 1)))),
         memory_mib=mem, ports=(PortMapping(host_port, guest_port),), accel=accel))
-    path = f"/v2/models/{model['name']}/infer"
+    path = f"/v2/models/{model_name}/infer"
     started = time.monotonic()
     try:
         replica = driver.start(replica.id)
@@ -115,6 +132,6 @@ def boot_and_infer(
                 driver.remove(replica.id, force=True)
 
 
-def _console_tail(driver: QemuMicroVMDriver, replica_id: str, lines: int = 40) -> str:
+def _console_tail(driver: Driver, replica_id: str, lines: int = 40) -> str:
     data = b"".join(driver.logs(replica_id, follow=False))
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])

@@ -191,7 +191,7 @@ class RuncDriver(Driver):
                                      f"with 'uniframe rm {config.name}' or pick another --name")
         source = resolve_image(config.image.ref)
         replica_id = secrets.token_hex(6)
-        base = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(config.image.ref.split(":")[0]).name) or "container"
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(config.image.ref.split(":")[0]).name)[:40] or "container"
         name = config.name or f"{base}-{replica_id[:4]}"
         directory = self.root / replica_id
         directory.mkdir(parents=True)
