@@ -24,17 +24,30 @@ import pytest
 
 from uniframe.build.cloudinit import CloudInitError
 from uniframe.build.examples import write_iris
-from uniframe.build.store import Image, ImageStore
+from uniframe.build.store import Image, ImageStore, finalize_manifest, load_image_dir
 from uniframe.build.vmdisk import VMApp, build_vm_disk, build_vm_image
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.process import ProcessRef
-from uniframe.runtime.replica import ReplicaState
+from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
 from uniframe.runtime.vm import CloudInitData, QemuVMDriver, VMConfig
 from uniframe.runtime.vm.disks import DiskError
 from uniframe.runtime.vm.driver import CONSOLE_LOG, OVERLAY
 from uniframe.runtime.vm.machine import FullVM
+from uniframe.spec.loader import load_text
+from uniframe.spec.workload import Workload
 
+WORKLOAD = """
+apiVersion: uniframe.dev/v1alpha1
+kind: Workload
+metadata: {{name: userdisk}}
+spec:
+  image: ./disk.qcow2
+  resources: {{cpus: 1, memory: 1Gi}}
+  ports: [{{host: {port}, guest: 8080}}]
+  cloudInit:
+    userData: {user_data}
+"""
 IRIS_REQUEST = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
 BOOT_TIMEOUT_S = 300.0
 
@@ -166,6 +179,50 @@ def test_bad_user_data_leaves_no_replica_behind(vm_driver: QemuVMDriver, tmp_pat
     assert not any(vm_driver.root.iterdir()) if vm_driver.root.exists() else True
 
 
+def test_workload_with_a_disk_becomes_a_vm_config(tmp_path: Path) -> None:
+    text = WORKLOAD.format(port=18123, user_data=json.dumps("#cloud-config\n{}\n"))
+    spec = load_text(text.replace("cpus: 1", "cpus: 1.5"), "w.yaml", base_dir=tmp_path)[0].spec
+    assert isinstance(spec, Workload)
+    vm = VMConfig.from_workload(spec)
+    assert vm.disk == tmp_path / "disk.qcow2" and vm.boot == "firmware" and vm.kernel is None
+    assert (vm.cpus, vm.memory_mib, vm.name) == (2, 1024, "userdisk")
+    assert vm.ports == (PortMapping(18123, 8080),)
+    assert vm.cloud_init == CloudInitData("#cloud-config\n{}\n", {"local-hostname": "userdisk"})
+    no_host = load_text(text.replace("host: 18123, ", ""), "w.yaml", base_dir=tmp_path)[0].spec
+    assert isinstance(no_host, Workload)
+    assert VMConfig.from_workload(no_host).ports[0].host_port > 0
+
+
+@needs_qemu_img
+def test_a_vm_image_from_the_common_replica_config(vm_driver: QemuVMDriver, tmp_path: Path) -> None:
+    """What the control plane hands any driver: an ImageRef to the image's kernel and initrd."""
+    image_dir = tmp_path / "img"
+    image_dir.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image_dir / "disk.qcow2"), "64M"], check=True)
+    (image_dir / "kernel").write_bytes(b"k")
+    (image_dir / "initrd").write_bytes(b"i")
+    finalize_manifest(image_dir, {"kind": "vm", "cmdline": "root=/dev/vda rw", "files": {
+        "disk": {"path": "disk.qcow2"}, "kernel": {"path": "kernel"}, "initrd": {"path": "initrd"}}})
+    image = load_image_dir(image_dir)
+    ref = ImageRef("iris-vm:1", image.digest, image.kernel, image.initrd, image.cmdline)
+    replica = vm_driver.create(ReplicaConfig(image=ref, name="from-common", cpus=2, memory_mib=768))
+    assert replica.driver == "qemu-vm" and replica.name == "from-common"
+    vm = VMConfig.of_replica(vm_driver.get("from-common"))
+    assert (vm.disk, vm.kernel, vm.cmdline, vm.cpus, vm.memory_mib) == (
+        image_dir / "disk.qcow2", image_dir / "kernel", "root=/dev/vda rw", 2, 768)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(replica.dir / OVERLAY)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2" and info["backing-filename"] == str(image_dir / "disk.qcow2")
+    unikernel = tmp_path / "uk"
+    unikernel.mkdir()
+    (unikernel / "kernel").write_bytes(b"k")
+    (unikernel / "initrd").write_bytes(b"i")
+    finalize_manifest(unikernel, {"kind": "unikernel", "files": {
+        "kernel": {"path": "kernel"}, "initrd": {"path": "initrd"}}})
+    with pytest.raises(RuntimeDriverError, match="is a unikernel image"):
+        vm_driver.create(ReplicaConfig(image=ImageRef("uk", "", unikernel / "kernel", unikernel / "initrd")))
+
+
 @needs_qemu_img
 def test_too_little_memory_is_refused(vm_driver: QemuVMDriver, tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
@@ -256,7 +313,8 @@ def test_iris_vm_boots_serves_and_powers_off(vm_driver: QemuVMDriver, iris_vm_im
 @pytest.mark.root
 def test_user_disk_boots_by_firmware_and_cloud_init_reads_the_seed(
         vm_driver: QemuVMDriver, iris_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The iris app as a user's own disk: MBR + syslinux, cloud-init inside, SeaBIOS boot.
+    """The iris app as a user's own disk in a ``kind: Workload``: MBR + syslinux,
+    cloud-init inside, SeaBIOS boot.
 
     The user data writes a file with a token only this test knows and prints
     it on the serial console from ``runcmd``, cloud-init's last stage: seeing
@@ -280,16 +338,17 @@ def test_user_disk_boots_by_firmware_and_cloud_init_reads_the_seed(
         "  - sh -c 'echo \"$(cat /run/uniframe-marker) host=$(hostname)\" > /dev/ttyS0'\n"
     )
     port = _free_port()
-    replica = vm_driver.create(VMConfig.for_disk(
-        disk, name="userdisk", memory_mib=1024, ports=(PortMapping(port, 8080),),
-        cloud_init=CloudInitData(user_data, {"local-hostname": "seeded"})))
+    spec = load_text(WORKLOAD.format(port=port, user_data=json.dumps(user_data)), "userdisk.yaml",
+                     base_dir=out)[0].spec
+    assert isinstance(spec, Workload)
+    replica = vm_driver.create(VMConfig.from_workload(spec))
     replica = vm_driver.start(replica.id)
     assert replica.extra["boot"] == "firmware" and "-kernel" not in replica.argv
     answer, seconds = _infer(port, BOOT_TIMEOUT_S)
     assert _label(answer) == 0
     print(f"\nfirmware boot to first inference: {seconds:.1f} s")
     deadline = time.monotonic() + BOOT_TIMEOUT_S
-    marker = f"UNIFRAME-NOCLOUD {token} host=seeded".encode()
+    marker = f"UNIFRAME-NOCLOUD {token} host=userdisk".encode()
     while marker not in (replica.dir / CONSOLE_LOG).read_bytes():
         assert time.monotonic() < deadline, "cloud-init never printed the marker"
         assert vm_driver.inspect(replica.id).state is ReplicaState.RUNNING

@@ -9,6 +9,8 @@ shared record keeps the common fields in its ``config`` and the VM's own in
 
 from __future__ import annotations
 
+import math
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ from uniframe.build.store import Image, load_image_dir
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig
+from uniframe.spec.workload import Workload
+
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,34 @@ class VMConfig:
         """A user's own disk, booted by its boot loader (cloud-init data optional)."""
         return cls(disk=disk, ref=str(disk), **options)
 
+    @classmethod
+    def from_workload(cls, workload: Workload, name: str | None = None) -> VMConfig:
+        """A ``kind: Workload`` whose image is a VM disk (``image: ./disk.qcow2``, ``runtime: vm``).
+
+        Resources round up to whole CPUs and MiB; a port without ``host`` gets
+        a free host port now; the guest's hostname is the workload's name.
+        """
+        spec = workload.spec
+        where = f"Workload {workload.metadata.name}"
+        if spec.runtime != "vm" or spec.image_path is None or spec.image_source != "disk":
+            raise RuntimeDriverError(f"{where}: the vm runtime runs a disk image (image: ./disk.qcow2 "
+                                     f"with runtime: vm), not {spec.image!r} with runtime {spec.runtime}")
+        ports = []
+        for p in spec.ports:
+            if p.protocol != "tcp":
+                raise RuntimeDriverError(f"{where}: port {p.guest}/{p.protocol}: only tcp ports "
+                                         "can be published from a VM")
+            ports.append(PortMapping(p.host or _free_port(), p.guest))
+        cloud_init = None
+        if spec.cloud_init is not None:
+            ci = spec.cloud_init
+            user_data = ci.user_data if ci.user_data is not None else _read(ci.user_data_file, where)
+            cloud_init = CloudInitData(user_data, {"local-hostname": workload.metadata.name})
+        return cls.for_disk(spec.image_path, name=name or workload.metadata.name,
+                            cpus=max(1, math.ceil(spec.resources.cpus)),
+                            memory_mib=max(1, -(-spec.resources.memory // MIB)),
+                            ports=tuple(ports), cloud_init=cloud_init)
+
     def replica_config(self) -> ReplicaConfig:
         """The common part, for the shared record (a firmware-booted disk has no kernel: ``.``)."""
         image = ImageRef(self.ref or str(self.disk), self.digest, self.kernel or Path(),
@@ -104,3 +137,18 @@ class VMConfig:
                    initrd=c.image.initrd if kernel_boot else None,
                    cmdline=c.image.cmdline, cloud_init=CloudInitData.from_json(ci) if ci else None,
                    ref=c.image.ref, digest=c.image.digest)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _read(path: Path | None, where: str) -> str:
+    assert path is not None
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise RuntimeDriverError(f"{where}: cannot read cloudInit.userDataFile {path}: {exc.strerror}") from None
