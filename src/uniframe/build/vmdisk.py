@@ -28,6 +28,12 @@ Two disk layouts: ``partitionless`` (the file system is the whole disk, booted
 with QEMU ``-kernel``: the fastest), and ``bootable`` (an MBR with a FAT boot
 partition holding syslinux, kernel and initramfs, plus the ext4 root), which
 any BIOS boots, so the same app runs as a user-supplied disk too.
+
+The disk is stored as uncompressed qcow2. Measured on the 2-core TCG host with
+the iris app: raw and qcow2 boot alike (28-33 s to the first inference either
+way, since every replica boots a qcow2 overlay anyway); the qcow2 file is 490 MB
+where the raw one is 1.07 GB (506 MB allocated, but only while copied sparsely);
+zlib-compressed qcow2 is 173 MB but boots 3-4 s slower.
 """
 
 from __future__ import annotations
