@@ -21,9 +21,9 @@ import typer
 from uniframe.build.store import ImageStore
 from uniframe.cli.app import app, console, err_console, fail
 from uniframe.runtime.driver import Driver, all_replicas, driver_for, find
-from uniframe.runtime.ports import parse_port_mapping
+from uniframe.runtime.ports import PortMapping, parse_port_mapping
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig, ReplicaState, ReplicaStatus
-from uniframe.runtime.verify import driver_for_image, image_ref
+from uniframe.runtime.verify import driver_for_image, free_port, image_ref
 from uniframe.spec.units import parse_size
 
 
@@ -65,7 +65,9 @@ def _exit_code(status: ReplicaStatus) -> int:
 
 @app.command()
 def run(
-    image: str = typer.Argument(..., help="image: name[:tag], digest prefix, or image directory"),
+    image: str = typer.Argument(None, help="image: name[:tag], digest prefix, or image directory"),
+    file: Path = typer.Option(None, "-f", "--file",
+                              help="run the Workloads (and built InferenceServices) of a spec file, detached"),
     publish: list[str] = typer.Option([], "-p", "--publish", help="publish a port, HOST:GUEST or IP:HOST:GUEST"),
     name: str = typer.Option(None, "--name", help="replica name (default: image name + id)"),
     cpus: int = typer.Option(1, "--cpus", help="virtual CPUs"),
@@ -78,6 +80,13 @@ def run(
 ) -> None:
     """Run an image: unikernel as a microVM, vm as a full VM, oci as a container, process as a
     host process (foreground unless -d; Ctrl-C or SIGTERM stops it)."""
+    if file is not None:
+        if image is not None:
+            raise fail("give an IMAGE or -f SPEC, not both")
+        _run_file(file)
+        return
+    if image is None:
+        raise fail("give an IMAGE to run (see 'uniframe images') or -f SPEC")
     ref, driver = _image(image)
     config = ReplicaConfig(
         image=ref, name=name, cpus=cpus, memory_mib=_memory_mib(memory),
@@ -111,6 +120,34 @@ def run(
     if remove:
         driver.remove(replica.id, force=True)
     raise typer.Exit(_exit_code(status))
+
+
+IMAGE_SUFFIX = {"unikernel": "", "container": "-container", "vm": "-vm", "process": "-process"}
+
+
+def _run_file(path: Path) -> None:
+    """Start every document of a spec file, detached, and say where each replica listens."""
+    from uniframe.runtime.workload import run_workload
+    from uniframe.spec import InferenceService, Workload, load_file
+
+    started: list[tuple[Driver, Replica]] = []
+    for doc in load_file(path):
+        if isinstance(doc.spec, Workload):
+            started += run_workload(doc.spec)
+        elif isinstance(doc.spec, InferenceService):
+            svc = doc.spec
+            ref, driver = _image(svc.metadata.name + IMAGE_SUFFIX[svc.spec.runtime])
+            count = svc.spec.replicas if svc.spec.replicas is not None else 1
+            for _ in range(count):
+                config = ReplicaConfig(image=ref, cpus=max(1, round(svc.spec.resources.cpus)),
+                                       memory_mib=max(64, svc.spec.resources.memory >> 20),
+                                       ports=(PortMapping(free_port(), svc.spec.port),))
+                replica = driver.create(config)
+                started.append((driver, driver.start(replica.id)))
+    for driver, replica in started:
+        ports = ", ".join(f"http://{p.host_ip}:{p.host_port} -> {p.guest_port}"
+                          for p in replica.config.ports) or "no published ports"
+        console.print(f"{replica.id} {replica.name} ({driver.kind}): {ports}")
 
 
 def _state_text(status: ReplicaStatus) -> str:

@@ -57,6 +57,10 @@ class ReplicaConfig:
     ports: tuple[PortMapping, ...] = ()
     accel: str = "auto"        # auto | kvm | tcg
     network: str = "user"      # user | bridge
+    # Containers only: override the image's entrypoint and/or cmd, add environment.
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
 
 class ReplicaState(enum.StrEnum):
@@ -113,7 +117,9 @@ class Replica:
             "created_at": self.created_at, "started_at": self.started_at,
             "image": c.image.to_json(), "cpus": c.cpus, "memory_mib": c.memory_mib,
             "ports": [p.to_json() for p in c.ports], "accel_requested": c.accel,
-            "network": c.network, "accel": self.accel, "guest_ip": self.guest_ip,
+            "network": c.network, "command": list(c.command) if c.command is not None else None,
+            "args": list(c.args) if c.args is not None else None, "env": [list(e) for e in c.env],
+            "accel": self.accel, "guest_ip": self.guest_ip,
             "tap": self.tap, "pid": self.pid, "pid_start_time": self.pid_start_time,
             "log_offset": self.log_offset, "argv": list(self.argv), "extra": self.extra,
         }
@@ -125,6 +131,9 @@ class Replica:
             cpus=int(data["cpus"]), memory_mib=int(data["memory_mib"]),
             ports=tuple(PortMapping.from_json(p) for p in data.get("ports", [])),
             accel=str(data.get("accel_requested", "auto")), network=str(data.get("network", "user")),
+            command=tuple(data["command"]) if data.get("command") is not None else None,
+            args=tuple(data["args"]) if data.get("args") is not None else None,
+            env=tuple((str(k), str(v)) for k, v in data.get("env", [])),
         )
         return cls(
             id=str(data["id"]), name=str(data["name"]), dir=directory, config=config,

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from uniframe.build.oci import RuntimeOptions, bundle_from_layout, read_layout
+from uniframe.build.oci import RuntimeOptions, bundle_from_layout, opened_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
 from uniframe.paths import state_dir
@@ -168,7 +168,19 @@ class RuncDriver(Driver):
         netns = None if mode == "host" else network.NETNS_DIR / network.netns_name(replica_id)
         return RuntimeOptions(hostname=name, netns=netns, host_network=mode == "host",
                               cgroups_path=cgroups.cgroups_path(replica_id),
-                              cpus=float(config.cpus), memory_mib=config.memory_mib)
+                              cpus=float(config.cpus), memory_mib=config.memory_mib,
+                              args=self._process_args(config), env=dict(config.env))
+
+    @staticmethod
+    def _process_args(config: ReplicaConfig) -> tuple[str, ...] | None:
+        """OCI semantics: ``command`` replaces the image's Entrypoint, ``args`` its Cmd."""
+        if config.command is None and config.args is None:
+            return None
+        if config.command is not None:
+            return (*config.command, *(config.args or ()))
+        with opened_layout(resolve_image(config.image.ref)) as layout_dir:
+            entrypoint = read_layout(layout_dir).config.entrypoint
+        return (*entrypoint, *(config.args or ()))
 
     def create(self, config: ReplicaConfig) -> Replica:
         """Unpack the image into a bundle and record the replica; :meth:`start` runs it."""
