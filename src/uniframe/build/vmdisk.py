@@ -411,7 +411,11 @@ def _install_server(rootfs: Path, app: VMApp) -> None:
 
 
 def service_unit(app: VMApp) -> str:
-    """The systemd unit that runs the server; its output goes to the serial console too."""
+    """The systemd unit that runs the server; its output goes to the serial console too.
+
+    The server runs as a transient unprivileged user (``DynamicUser``), allowed
+    to bind a port below 1024 if the app asks for one.
+    """
     return f"""[Unit]
 Description=uniframe model server ({app.name})
 After=network.target
@@ -423,6 +427,7 @@ RestartSec=1
 Environment=PYTHONUNBUFFERED=1 HOME=/var/lib/uniframe
 StateDirectory=uniframe
 DynamicUser=yes
+AmbientCapabilities=CAP_NET_BIND_SERVICE
 StandardOutput=journal+console
 StandardError=journal+console
 
@@ -645,6 +650,9 @@ def build_vm_disk(app: VMApp, out_dir: Path, *, disk_format: str = "qcow2",
         raise BuildError(f"model {app.model} does not exist; give the path of an .onnx file")
     if not app.name or not all(c.isalnum() or c in "-_." for c in app.name):
         raise BuildError(f"app name {app.name!r} must be letters, digits, '-', '_' or '.'")
+    if os.geteuid() != 0:
+        raise BuildError("building a VM disk needs root: the Debian tree holds files of many "
+                         "owners and device nodes, which only root can copy as they are")
     spec = base or BaseSpec()
     if cloud_init:
         spec = spec.with_packages("cloud-init")
