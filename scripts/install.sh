@@ -11,6 +11,7 @@ APT_PACKAGES=(
   cpio lz4 zstd gzip                 # initramfs compression
   e2fsprogs fdisk dosfstools mtools syslinux syslinux-common xorriso  # VM disks, cloud-init seeds
   wrk curl                           # benchmarks and demos
+  postgresql                         # the control plane's PostgreSQL backend (tests start their own server)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
