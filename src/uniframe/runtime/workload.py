@@ -47,18 +47,13 @@ def create_workload(workload: Workload, *, root: Path | None = None) -> list[tup
     for i, ports in enumerate(_ports(workload, replicas)):
         name = workload.metadata.name if replicas == 1 else f"{workload.metadata.name}-{i}"
         if runtime == "vm" and source == "disk":
-            from uniframe.runtime.vm.config import CloudInitData, VMConfig
+            from dataclasses import replace
+
+            from uniframe.runtime.vm.config import VMConfig
             from uniframe.runtime.vm.driver import QemuVMDriver
 
             assert isinstance(driver, QemuVMDriver)
-            cloud = None
-            if spec.cloud_init is not None:
-                user_data = spec.cloud_init.user_data
-                if user_data is None and spec.cloud_init.user_data_file is not None:
-                    user_data = Path(spec.cloud_init.user_data_file).read_text()
-                cloud = CloudInitData(user_data or "#cloud-config\n", {"local-hostname": name})
-            vm = VMConfig.for_disk(Path(spec.image), name=name, cpus=cpus,
-                                   memory_mib=_memory_mib(workload), ports=ports, cloud_init=cloud)
+            vm = replace(VMConfig.from_workload(workload, name=name), ports=ports)
             out.append((driver, driver.create(vm)))
             continue
         if source in ("oci-layout", "oci-archive"):
