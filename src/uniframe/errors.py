@@ -9,7 +9,10 @@ instead of showing a traceback::
     ├── ModelError           a model file cannot be loaded, converted or described
     ├── BuildError           building a kernel, closure or image failed
     ├── ImageError           an image is missing or damaged in the local store
-    └── RuntimeDriverError   a driver could not start, stop or inspect a replica
+    ├── RuntimeDriverError   a driver could not start, stop or inspect a replica
+    ├── StateError           the control plane's state store cannot be opened, migrated or used
+    ├── NotFoundError        a named object, replica or model version does not exist
+    └── ConflictError        a write lost a race (stale generation) or clashes with what exists
 """
 
 from __future__ import annotations
@@ -37,3 +40,19 @@ class ImageError(UniframeError):
 
 class RuntimeDriverError(UniframeError):
     """A runtime driver could not act on a replica."""
+
+
+class StateError(UniframeError):
+    """The state store cannot be opened, migrated or written (the message names the store)."""
+
+
+class NotFoundError(UniframeError):
+    """A named object, replica or model version does not exist; the API answers 404."""
+
+
+class ConflictError(UniframeError):
+    """A write lost a race or clashes with existing state; the API answers 409.
+
+    The reconciler retries a stale-generation conflict after re-reading; a user
+    meets the others (a model version still in use, a name already taken).
+    """
