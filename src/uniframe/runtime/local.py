@@ -105,7 +105,7 @@ class ProcessDriver(Driver):
         self._save(replica)
         return replica
 
-    def _argv(self, replica: Replica) -> "builtins.list[str]":
+    def _argv(self, replica: Replica) -> builtins.list[str]:
         assert replica.config.image.path is not None
         image = load_image_dir(replica.config.image.path)
         m = image.manifest
