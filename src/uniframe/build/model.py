@@ -1,8 +1,9 @@
 """Turn a spec's model reference into one ONNX file the image can carry.
 
 scikit-learn models are converted here, on the build host, so images carry
-ONNX only; the model registry (``name@version``) arrives with the control
-plane and is resolved through the same function.
+ONNX only. Registry models (``name@version``) are read from the registry's
+files (:mod:`uniframe.build.modelstore`), which the control plane's registry
+writes: the build layer never needs the control plane to find a model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from uniframe.build.modelstore import ModelStore
 from uniframe.build.sklearn_onnx import convert_pickle
 from uniframe.errors import BuildError, ModelError
 from uniframe.spec import FileModel, InferenceService, RegistryModel
@@ -40,10 +42,7 @@ def resolve_model(service: InferenceService, workdir: Path) -> ResolvedModel:
     ref = service.spec.model
     name = service.metadata.name
     if isinstance(ref, RegistryModel):
-        raise BuildError(
-            f"spec.model: {ref.name}@{ref.version} names a registry model, and this uniframe has "
-            "no model registry yet; use model: {uri: ./model.onnx} for now"
-        )
+        return _resolve_registry(ref, name)
     assert isinstance(ref, FileModel)
     path = Path(ref.uri)
     if not path.is_file():
@@ -59,6 +58,21 @@ def resolve_model(service: InferenceService, workdir: Path) -> ResolvedModel:
         return ResolvedModel(name, "1", out, _sha256(out), f"{path} (scikit-learn, converted)")
     _check_onnx(path)
     return ResolvedModel(name, "1", path, _sha256(path), str(path))
+
+
+def _resolve_registry(ref: RegistryModel, name: str) -> ResolvedModel:
+    """The registry's file for ``ref``; the server announces the registry's version."""
+    try:
+        record, path = ModelStore().resolve(ref.name, ref.version)
+    except ModelError as exc:
+        raise BuildError(f"spec.model: {exc}") from None
+    if ref.format is not None and ref.format != record.source_format:
+        raise BuildError(
+            f"spec.model: {record.ref} was pushed as {record.source_format}, but the spec insists "
+            f"on format {ref.format}; fix the spec's format or push the other file"
+        )
+    return ResolvedModel(name, record.version, path, record.sha256,
+                         f"registry {record.ref} ({record.format})")
 
 
 def _check_onnx(path: Path) -> None:
