@@ -234,7 +234,7 @@ def build_unikernel(
         extra: list[initramfs.Entry] = [
             initramfs.File("/init", init_text.encode(), 0o755),
             initramfs.File(app.image_model, app.model.path, 0o644),
-            *(initramfs.Directory(p) for p in MOUNT_POINTS),
+            *(initramfs.Directory(p) for p in MOUNT_POINTS if not (app.root / p.lstrip("/")).exists()),
             *(initramfs.Device(path, "c", major, minor, mode)
               for path, _kind, major, minor, mode in DEVICE_NODES),
         ]
