@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sqlite3
@@ -318,6 +319,28 @@ def test_two_threads_update_one_object_one_wins(store: Store) -> None:
     assert obj is not None and (obj.generation, obj.spec["writer"]) == (2, winners[0])
 
 
+def test_a_thread_that_ends_takes_its_connection_with_it(store: Store) -> None:
+    """A daemon serving each request on a new thread must not pile up connections."""
+    with store.tx() as tx:
+        tx.create_object(SVC, "iris", SPEC)
+
+    def reader() -> None:
+        with store.tx(readonly=True) as tx:
+            assert tx.get_object(SVC, "iris") is not None
+
+    for _ in range(5):
+        t = threading.Thread(target=reader)
+        t.start()
+        t.join()
+    gc.collect()
+    assert len(store._conns) == 1  # the main thread's
+    store.release()
+    assert len(store._conns) == 0
+    with store.tx(readonly=True) as tx:  # and a new one comes on demand
+        assert tx.get_object(SVC, "iris") is not None
+    assert len(store._conns) == 1
+
+
 def test_processes_never_lose_an_update(store: Store, store_target: str) -> None:
     """Three processes read-then-write one counter; every increment survives, none twice."""
     workers, each = 3, 15
@@ -379,29 +402,29 @@ def _assert_whole_transactions(target: str, committed: list[int]) -> set[int]:
 
 def test_a_writer_killed_mid_transaction_leaves_no_trace_of_it(store_target: str) -> None:
     Store.open(store_target).close()
-    proc = _spawn_writer(store_target, "25")
-    try:
-        committed = _committed_until(proc, "inside 25")
-        # transaction 25 has written its object, replica and event, and not committed
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    with _spawn_writer(store_target, "25") as proc:
+        try:
+            committed = _committed_until(proc, "inside 25")
+            # transaction 25 has written its object, replica and event, and not committed
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
     assert committed == list(range(25))
     assert _assert_whole_transactions(store_target, committed) == set(range(25))
 
 
 def test_a_writer_killed_at_full_speed_loses_nothing_it_committed(store_target: str) -> None:
     Store.open(store_target).close()
-    proc = _spawn_writer(store_target)
-    try:
-        committed = _committed_until(proc, "committed 40")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.stdout is not None
-        committed += [int(line.split()[1]) for line in proc.stdout]  # what it said before dying
-    finally:
-        proc.kill()
+    with _spawn_writer(store_target) as proc:
+        try:
+            committed = _committed_until(proc, "committed 40")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.stdout is not None
+            committed += [int(line.split()[1]) for line in proc.stdout]  # said before dying
+        finally:
+            proc.kill()
     found = _assert_whole_transactions(store_target, committed)
     # at most the one transaction between its commit and its line is present but unreported
     assert found - set(committed) <= {max(committed) + 1}

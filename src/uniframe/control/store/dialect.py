@@ -16,6 +16,7 @@ foreign keys on (off by default in SQLite), and ``BEGIN IMMEDIATE`` for writes
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -74,6 +75,12 @@ class Connection(ABC):
     def broken(self) -> bool:
         """True when the connection can no longer be used and must be replaced."""
         return False
+
+    def __del__(self) -> None:
+        # A thread's connection lives in its thread-local storage; when the thread
+        # ends, this closes it, so threads that come and go do not pile up connections.
+        with contextlib.suppress(Exception):
+            self.close()
 
     @abstractmethod
     def lock(self, key: int) -> None:

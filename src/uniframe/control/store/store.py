@@ -28,6 +28,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -89,7 +90,7 @@ class Store:
         self.dialect = "postgresql" if _is_postgres(target) else "sqlite"
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[Connection] = []
+        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()  # every thread's, to close
         self._closed = False
         self.migrated_from = migrate(self._connection(), self.where)
 
@@ -129,16 +130,27 @@ class Store:
                 conn = SqliteConnection(Path(self.target))
             self._local.conn = conn
             with self._lock:
-                self._conns.append(conn)
+                self._conns.add(conn)
         return conn
 
     def _forget(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
             conn.close()
         with self._lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
+            self._conns.discard(conn)
         self._local.conn = None
+
+    def release(self) -> None:
+        """Close this thread's connection now (the next transaction opens a new one).
+
+        A thread's connection is also closed when the thread ends; this is for
+        long-lived threads that will not use the store for a while.
+        """
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            if getattr(self._local, "in_tx", False):
+                raise RuntimeError("Store.release() inside a transaction; leave it first")
+            self._forget(conn)
 
     @contextlib.contextmanager
     def tx(self, *, readonly: bool = False) -> Iterator[Tx]:
@@ -172,7 +184,8 @@ class Store:
         """Close every thread's connection; the store cannot be used afterwards."""
         self._closed = True
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns = list(self._conns)
+            self._conns.clear()
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
