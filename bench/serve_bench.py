@@ -80,6 +80,8 @@ class LoadResult:
     socket_errors: int
     non_2xx: int
     wrk_output: str
+    server_cpu_s: float = 0.0  # user + system CPU the server's process tree used during the run
+    cpu_us_per_req: float | None = None
 
 
 @dataclass
@@ -208,6 +210,16 @@ def _kib(path: Path, key: str) -> int:
             if line.startswith(key):
                 return int(line.split()[1])
     return 0
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its descendants (all threads)."""
+    ticks = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_memory(pid: int) -> tuple[int, int, int]:
@@ -413,7 +425,11 @@ def bench_server(name: str, work: Path, onnx: Path, script: Path, args: argparse
                 run_wrk(url, script, max(CONNECTIONS), args.warmup, args.nice)
             for conns in CONNECTIONS:
                 say(f"{name}: {args.duration} s at {conns} connection(s)")
+                cpu0 = tree_cpu_s(server.proc.pid)
                 load = run_wrk(url, script, conns, args.duration, args.nice)
+                load.server_cpu_s = tree_cpu_s(server.proc.pid) - cpu0
+                if load.requests:
+                    load.cpu_us_per_req = load.server_cpu_s / load.requests * 1e6
                 result.loads[conns] = load
                 if server.proc.poll() is not None:
                     raise BenchError(f"{name} died under load:\n{server.log_tail()}")
@@ -548,13 +564,15 @@ def server_rows(servers: dict[str, ServerResult]) -> list[list[str]]:
     rows = []
     for s in servers.values():
         if not s.ok:
-            rows.append([f"{s.name} {s.version}".strip(), "FAILED", *["-"] * 7])
+            rows.append([f"{s.name} {s.version}".strip(), "FAILED", *["-"] * (len(SERVER_HEAD) - 2)])
             continue
         cells = [f"{s.name} {s.version}"]
         for conns in CONNECTIONS:
             load = s.loads.get(conns)
             cells += [fmt_rps(load.rps if load else None), fmt_us(load.p50_us if load else None),
                       fmt_us(load.p99_us if load else None)]
+        busy = s.loads.get(max(CONNECTIONS))
+        cells.append(fmt_us(busy.cpu_us_per_req if busy else None))
         errors = sum(ld.socket_errors + ld.non_2xx for ld in s.loads.values())
         cells += [f"{(s.rss_kib or 0) / 1024:.1f}", str(errors)]
         rows.append(cells)
@@ -581,7 +599,7 @@ def check_rows(checks: list[Check]) -> list[list[str]]:
 
 
 SERVER_HEAD = ["server", "req/s @1", "p50 @1", "p99 @1", "req/s @32", "p50 @32", "p99 @32",
-               "RSS MiB", "errors"]
+               "CPU/req @32", "RSS MiB", "errors"]
 CHECK_HEAD = ["target", "uniframe", "best peer", "ratio", "wanted", "result"]
 
 
