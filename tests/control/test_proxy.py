@@ -504,6 +504,27 @@ def test_chunked_binary_pipelined_and_continue_requests_pass_byte_exact(
         assert got.startswith(b"HTTP/1.1 200 OK") and b'"data":[0]' in got
 
 
+def test_large_bodies_stream_through_and_a_slow_reader_holds_back_only_itself(
+        endpoint: Endpoint, spawn: Callable[..., Replica]) -> None:
+    echo = spawn("echo", "0")
+    endpoint.set_backends([echo.backend()])
+    payload = bytes(range(256)) * (9 << 12)  # 9 MiB each way: many partial sends on every hop
+    req = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    assert _raw(endpoint.port, req, _complete(1), timeout=30).split(b"\r\n\r\n", 1)[1] == req
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=30) as slow_reader:
+        slow_reader.sendall(req)
+        time.sleep(0.5)  # it reads nothing for a while; the endpoint keeps serving others
+        t0 = time.monotonic()
+        assert _post(endpoint, "/echo", b"hi")[0] == 200
+        assert time.monotonic() - t0 < 1.0
+        got = b""
+        while not _complete(1)(got):
+            chunk = slow_reader.recv(1 << 16)
+            assert chunk
+            got += chunk
+        assert got.split(b"\r\n\r\n", 1)[1] == req
+
+
 def test_malformed_requests_are_refused_by_the_endpoint(endpoint: Endpoint, replicas: list[Replica]) -> None:
     endpoint.set_backends([replicas[0].backend()])
     smuggle = (b"POST /v2/models/iris/infer HTTP/1.1\r\nContent-Length: 5\r\n"

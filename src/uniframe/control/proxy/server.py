@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from uniframe.control.proxy import metrics
+from uniframe.control.proxy import commands, metrics
 from uniframe.control.proxy.balancer import BackendState, Balancer
 from uniframe.control.proxy.framing import (
     ChunkScanner,
@@ -831,8 +831,7 @@ class ProxyServer:
             b.last_error = reason
             print(f"uniframe-proxy: {self.service}: replica {b.id} {reason}; out of rotation",
                   file=sys.stderr)
-            for up in list(b.idle):
-                self._close_upstream(up)
+            self.close_idle(b)
         self.balancer.rebuild()
         if healthy:
             self._drain_queue()
@@ -939,99 +938,18 @@ class ProxyServer:
     # -- the control channel ---------------------------------------------------------------
 
     def apply(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Carry out one control command (see :mod:`.endpoint` for the client side)."""
-        op = command.get("op")
-        try:
-            if op == "set_backends":
-                self._set_backends([_backend_args(d) for d in command.get("backends", [])],
-                                   command.get("weights"))
-            elif op == "add":
-                self._add(_backend_args(command["backend"]))
-            elif op == "remove":
-                self._remove(self._find(command["id"]))
-            elif op == "drain":
-                b = self._find(command["id"])
-                b.draining = True
-                for up in list(b.idle):
-                    self._close_upstream(up)
-                self.balancer.rebuild()
-            elif op == "set_ready":
-                b = self._find(command["id"])
-                b.ready = bool(command["ready"])
-                self.balancer.rebuild()
-                self._drain_queue()
-            elif op == "set_weights":
-                self._set_weights(command.get("weights"))
-            elif op == "status":
-                return {"ok": True, "status": self.status()}
-            elif op == "metrics":
-                return {"ok": True, "text": self.render_metrics().decode()}
-            elif op == "stop":
-                self.shutdown()
-            else:
-                return {"ok": False, "error": f"unknown command {op!r}"}
-        except (KeyError, TypeError, ValueError) as exc:
-            text = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            return {"ok": False, "error": f"{op}: {text}"}
-        return {"ok": True}
+        """Carry out one control command (see :mod:`.commands`)."""
+        return commands.apply(self, command)
 
-    def _find(self, backend_id: str) -> BackendState:
-        b = self.balancer.backends.get(backend_id)
-        if b is None:
-            known = ", ".join(sorted(self.balancer.backends)) or "none"
-            raise ValueError(f"service {self.service} has no backend {backend_id!r} (backends: {known})")
-        return b
-
-    def _add(self, args: dict[str, Any]) -> None:
-        old = self.balancer.backends.get(args["id"])
-        if old is not None and (old.host, old.port) == (args["host"], args["port"]):
-            old.group = args.get("group", old.group)
-            old.ready = args.get("ready", old.ready)
-            old.draining = False
-        else:
-            b = BackendState(**args)
-            b.next_check = self.now  # look at it soon, but trust the reconciler until then
-            if old is not None:
-                self._retire(old)
-            self.balancer.backends[b.id] = b
+    def backends_changed(self) -> None:
+        """Membership, readiness or weights changed: recompute the rotation, serve who waited."""
         self.balancer.rebuild()
         self._drain_queue()
 
-    def _retire(self, b: BackendState) -> None:
-        b.removed = True
+    def close_idle(self, b: BackendState) -> None:
+        """Close the replica's pooled connections; those carrying a request close when it is done."""
         for up in list(b.idle):
             self._close_upstream(up)
-
-    def _remove(self, b: BackendState) -> None:
-        """Out of rotation now; requests already on it finish, then its connections close."""
-        self._retire(b)
-        del self.balancer.backends[b.id]
-        self.balancer.rebuild()
-
-    def _set_backends(self, backends: list[dict[str, Any]], weights: Any) -> None:
-        wanted = {a["id"]: a for a in backends}
-        if len(wanted) != len(backends):
-            raise ValueError("backend ids must be unique")
-        for b in list(self.balancer.backends.values()):
-            if b.id not in wanted:
-                self._remove(b)
-        if weights is not None:
-            self._set_weights(weights, rebuild=False)
-        for args in backends:
-            self._add(args)
-        self.balancer.rebuild()
-
-    def _set_weights(self, weights: Any, *, rebuild: bool = True) -> None:
-        if weights is None:
-            weights = {}
-        if not isinstance(weights, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                for k, v in weights.items()):
-            raise ValueError(f"weights must map group names to non-negative integers, got {weights!r}")
-        self.balancer.weights = dict(weights)
-        if rebuild:
-            self.balancer.rebuild()
-            self._drain_queue()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -1227,8 +1145,7 @@ class ProxyServer:
         for c in list(self.clients.values()):
             self._close_client(c)
         for b in self.balancer.backends.values():
-            for up in list(b.idle):
-                self._close_upstream(up)
+            self.close_idle(b)
         for fd, (_, obj) in list(self._handlers.items()):
             self._unregister(fd)
             if isinstance(obj, (socket.socket, _Line, _Check, Upstream)):
@@ -1239,28 +1156,3 @@ class ProxyServer:
         self._ep.close()
         self._wake_w.close()
 
-
-def _backend_args(data: Any) -> dict[str, Any]:
-    """Validate one backend of a command: ``{"id", "host", "port", "group"?, "ready"?}``."""
-    if not isinstance(data, dict):
-        raise ValueError(f"a backend is an object with id, host and port, got {data!r}")
-    unknown = set(data) - {"id", "host", "port", "group", "ready"}
-    if unknown:
-        raise ValueError(f"unknown backend fields {sorted(unknown)}")
-    args: dict[str, Any] = {"id": data["id"], "host": data["host"], "port": data["port"]}
-    if not isinstance(args["id"], str) or not args["id"]:
-        raise ValueError(f"backend id must be a non-empty string, got {args['id']!r}")
-    if not isinstance(args["host"], str) or not args["host"]:
-        raise ValueError(f"backend {args['id']}: host must be a non-empty string")
-    port = args["port"]
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        raise ValueError(f"backend {args['id']}: port must be 1..65535, got {port!r}")
-    if "group" in data:
-        if not isinstance(data["group"], str) or not data["group"]:
-            raise ValueError(f"backend {args['id']}: group must be a non-empty string")
-        args["group"] = data["group"]
-    if "ready" in data:
-        if not isinstance(data["ready"], bool):
-            raise ValueError(f"backend {args['id']}: ready must be true or false")
-        args["ready"] = data["ready"]
-    return args
