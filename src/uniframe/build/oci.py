@@ -771,8 +771,13 @@ def runtime_config(image: ImageConfig, options: RuntimeOptions, rootfs: Path) ->
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
     ]
+    # A fresh /tmp, unless the image keeps files there (a closure traced from an app
+    # installed under /tmp): a tmpfs would hide them and the app would not start.
+    tmp = rootfs / "tmp"
+    if not (tmp.is_dir() and any(tmp.iterdir())):
+        mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", "mode=1777"]})
     for bind in options.mounts:
         mounts.append({"destination": bind.destination, "type": "bind", "source": str(bind.source),
                        "options": ["rbind", "nosuid", "nodev", "ro" if bind.readonly else "rw"]})
