@@ -285,9 +285,9 @@ def test_relays_inference_and_spreads_sequential_requests_evenly(
 
 def test_a_slow_replica_gets_fewer_requests(endpoint: Endpoint, replicas: list[Replica],
                                             spawn: Callable[..., Replica]) -> None:
-    slow = spawn("slow", "0.05")
+    slow = spawn("slow", "0.2")
     endpoint.set_backends([replicas[0].backend(), slow.backend()])
-    statuses, failures = _load(endpoint, threads=6, seconds=2.0)
+    statuses, failures = _load(endpoint, threads=4, seconds=2.0)
     assert not failures
     st = endpoint.status()
     fast_n, slow_n = st.backend("r1").requests, st.backend("slow").requests
@@ -317,8 +317,10 @@ def test_weighted_groups_split_traffic_like_a_canary(endpoint: Endpoint, replica
 # -- failures --------------------------------------------------------------------------------
 
 
-def test_kill_9_under_load_fails_no_request(endpoint: Endpoint, replicas: list[Replica],
-                                            spawn: Callable[..., Replica]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_replica_dying_under_load_fails_no_request(sig: signal.Signals, endpoint: Endpoint,
+                                                     replicas: list[Replica],
+                                                     spawn: Callable[..., Replica]) -> None:
     victim = spawn("victim")
     endpoint.set_backends([replicas[0].backend(), replicas[1].backend(), victim.backend()])
     result: dict[str, tuple[list[int], list[str]]] = {}
@@ -326,8 +328,8 @@ def test_kill_9_under_load_fails_no_request(endpoint: Endpoint, replicas: list[R
     loader.start()
     time.sleep(1.0)
     assert endpoint.status().backend("victim").requests > 0  # it was taking its share
-    victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait()
+    victim.proc.send_signal(sig)  # SIGTERM: the model server drains, then exits
+    victim.proc.wait(timeout=15)
     time.sleep(0.3)
     served_by_victim = endpoint.status().backend("victim").requests
     loader.join()
@@ -338,9 +340,10 @@ def test_kill_9_under_load_fails_no_request(endpoint: Endpoint, replicas: list[R
     dead = st.backend("victim")
     assert not dead.healthy and not dead.eligible and dead.outstanding == 0
     assert dead.requests == served_by_victim  # out of rotation: nothing more went there
-    assert dead.failures >= 1 and st.upstream_errors >= 1 and st.retries >= 1
-    print(f"kill -9 under load: {len(statuses)} requests, {st.retries} retried, "
-          f"{dead.failures} failures seen on the victim")
+    if sig == signal.SIGKILL:  # a draining replica may be caught by the health check first
+        assert dead.failures >= 1 and st.upstream_errors >= 1 and st.retries >= 1
+    print(f"{sig.name} under load: {len(statuses)} requests, {st.retries} retried, "
+          f"{dead.failures} failures seen on the victim: {dead.last_error}")
     assert set(st.codes) == {200}
 
 

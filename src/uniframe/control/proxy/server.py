@@ -659,10 +659,12 @@ class ProxyServer:
         ex.sent = True
         if stop < 0:
             self._send_client(c, buf)
-            if len(c.outbuf) > OUTPUT_LIMIT:
-                self._ep.modify(up.fd, 0)
+            if len(c.outbuf) > OUTPUT_LIMIT and not up.closed:
+                self._ep.modify(up.fd, 0)  # the client reads slower than the replica writes: wait
             return
         self._send_client(c, buf if stop == len(buf) else buf[:stop])
+        if c.closed:  # the client went away; closing it released the exchange already
+            return
         reuse = resp.keep_alive and ex.keep_alive and stop == len(buf) and not up.outbuf
         self._release(ex, up, reuse=reuse)
 
