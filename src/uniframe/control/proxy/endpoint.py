@@ -77,6 +77,7 @@ class BackendStatus:
 @dataclass(frozen=True)
 class EndpointStatus:
     service: str
+    host: str
     port: int
     admin_port: int | None
     requests: int
@@ -187,7 +188,7 @@ class Endpoint:
         """Take over an endpoint process that is already running (after a daemon restart)."""
         ep = cls("?", control_path, host="127.0.0.1", port=0, admin_port=None)
         st = ep.status()
-        ep.service, ep.port, ep.admin_port = st.service, st.port, st.admin_port
+        ep.service, ep.host, ep.port, ep.admin_port = st.service, st.host, st.port, st.admin_port
         return ep
 
     @property
@@ -274,13 +275,18 @@ class Endpoint:
         self._call({"op": "set_ready", "id": backend_id, "ready": ready})
 
     def set_weights(self, weights: Mapping[str, int] | None) -> None:
-        """Split traffic between groups, e.g. ``{"v1": 90, "v2": 10}``; ``None``: one pool again."""
+        """Split traffic between groups, e.g. ``{"v1": 90, "v2": 10}``; ``None``: one pool again.
+
+        While weights are set, a group without one (or with 0) gets no traffic,
+        so a new version's replicas can join before the rollout gives them a
+        share; a group with no eligible replica passes its share to the others.
+        """
         self._call({"op": "set_weights", "weights": dict(weights) if weights is not None else None})
 
     def status(self) -> EndpointStatus:
         raw = self._call({"op": "status"})["status"]
         return EndpointStatus(
-            service=raw["service"], port=raw["port"], admin_port=raw["admin_port"],
+            service=raw["service"], host=raw["host"], port=raw["port"], admin_port=raw["admin_port"],
             requests=raw["requests"], codes={int(k): v for k, v in raw["codes"].items()},
             retries=raw["retries"], upstream_errors=raw["upstream_errors"], queued=raw["queued"],
             clients=raw["clients"], weights=raw["weights"],

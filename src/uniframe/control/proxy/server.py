@@ -956,6 +956,7 @@ class ProxyServer:
     def status(self) -> dict[str, Any]:
         return {
             "service": self.service,
+            "host": self.config.host,
             "port": self.port,
             "admin_port": self.admin_port,
             "requests": sum(self.codes.values()),
