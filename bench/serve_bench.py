@@ -80,7 +80,8 @@ class LoadResult:
     socket_errors: int
     non_2xx: int
     wrk_output: str
-    server_cpu_s: float = 0.0  # user + system CPU the server's process tree used during the run
+    server_cpu_s: float = 0.0  # CPU time the server's process tree (all threads) ran during the load
+    server_wait_s: float = 0.0  # time its threads were runnable but another process had the core
     cpu_us_per_req: float | None = None
 
 
@@ -212,14 +213,22 @@ def _kib(path: Path, key: str) -> int:
     return 0
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` and its descendants (all threads)."""
-    ticks = 0
+def tree_sched_s(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) so far, over every thread of
+    ``pid`` and its descendants, from ``/proc/<pid>/task/<tid>/schedstat``.
+
+    The wait is what neighbours on a shared machine cost the server; the run time per
+    request is the server's own cost, which their time-slicing does not change.
+    """
+    ran = waited = 0
     for p in process_tree(pid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    fields = (task / "schedstat").read_text().split()
+                    ran += int(fields[0])
+                    waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def tree_memory(pid: int) -> tuple[int, int, int]:
@@ -425,9 +434,10 @@ def bench_server(name: str, work: Path, onnx: Path, script: Path, args: argparse
                 run_wrk(url, script, max(CONNECTIONS), args.warmup, args.nice)
             for conns in CONNECTIONS:
                 say(f"{name}: {args.duration} s at {conns} connection(s)")
-                cpu0 = tree_cpu_s(server.proc.pid)
+                ran0, waited0 = tree_sched_s(server.proc.pid)
                 load = run_wrk(url, script, conns, args.duration, args.nice)
-                load.server_cpu_s = tree_cpu_s(server.proc.pid) - cpu0
+                ran1, waited1 = tree_sched_s(server.proc.pid)
+                load.server_cpu_s, load.server_wait_s = ran1 - ran0, waited1 - waited0
                 if load.requests:
                     load.cpu_us_per_req = load.server_cpu_s / load.requests * 1e6
                 result.loads[conns] = load
@@ -546,6 +556,24 @@ def target_checks(servers: dict[str, ServerResult]) -> list[Check]:
     ]
 
 
+def cpu_cost_line(servers: dict[str, ServerResult]) -> str | None:
+    """Server CPU per request at full load, against the cheapest peer: the figure that the
+    neighbours' share of the core does not move, to read beside the wall-clock checks."""
+    hi = max(CONNECTIONS)
+
+    def cost(s: ServerResult | None) -> float | None:
+        load = s.loads.get(hi) if s is not None and s.ok else None
+        return load.cpu_us_per_req if load else None
+
+    ours = cost(servers.get("uniframe"))
+    peers = [(c, n) for n, s in servers.items() if n in PEER_NAMES and (c := cost(s))]
+    if ours is None or not peers:
+        return None
+    best, name = min(peers)
+    return (f"server CPU per request @{hi}: uniframe {ours:.0f} µs, {name} {best:.0f} µs "
+            f"({best / ours:.1f}x as much)")
+
+
 def fmt_us(us: float | None) -> str:
     if us is None:
         return "-"
@@ -573,6 +601,7 @@ def server_rows(servers: dict[str, ServerResult]) -> list[list[str]]:
                       fmt_us(load.p99_us if load else None)]
         busy = s.loads.get(max(CONNECTIONS))
         cells.append(fmt_us(busy.cpu_us_per_req if busy else None))
+        cells.append(f"{100 * busy.server_wait_s / busy.duration_s:.0f}%" if busy else "-")
         errors = sum(ld.socket_errors + ld.non_2xx for ld in s.loads.values())
         cells += [f"{(s.rss_kib or 0) / 1024:.1f}", str(errors)]
         rows.append(cells)
@@ -599,7 +628,7 @@ def check_rows(checks: list[Check]) -> list[list[str]]:
 
 
 SERVER_HEAD = ["server", "req/s @1", "p50 @1", "p99 @1", "req/s @32", "p50 @32", "p99 @32",
-               "CPU/req @32", "RSS MiB", "errors"]
+               "CPU/req @32", "waited @32", "RSS MiB", "errors"]
 CHECK_HEAD = ["target", "uniframe", "best peer", "ratio", "wanted", "result"]
 
 
@@ -763,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"floor: FAILED: {floor.error}")
     if "uniframe" in servers:
         render("targets against the best peer of this run", CHECK_HEAD, check_rows(checks))
+        cost = cpu_cost_line(servers)
+        if cost:
+            print(cost)
     busy = ", ".join(f"{c} {v:.0f}%" for c, v in record["cpu_busy_before_pct"].items())
     print(f"other load before the run: {busy} busy; 1-min load average "
           f"{record['loadavg_start'][0]:.2f} at start, {record['loadavg_end'][0]:.2f} at end")
