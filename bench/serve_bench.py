@@ -601,7 +601,9 @@ def server_rows(servers: dict[str, ServerResult]) -> list[list[str]]:
                       fmt_us(load.p99_us if load else None)]
         busy = s.loads.get(max(CONNECTIONS))
         cells.append(fmt_us(busy.cpu_us_per_req if busy else None))
-        cells.append(f"{100 * busy.server_wait_s / busy.duration_s:.0f}%" if busy else "-")
+        cells.append("/".join(
+            f"{100 * ld.server_wait_s / ld.duration_s:.0f}%" if (ld := s.loads.get(c)) else "-"
+            for c in CONNECTIONS))
         errors = sum(ld.socket_errors + ld.non_2xx for ld in s.loads.values())
         cells += [f"{(s.rss_kib or 0) / 1024:.1f}", str(errors)]
         rows.append(cells)
@@ -628,7 +630,7 @@ def check_rows(checks: list[Check]) -> list[list[str]]:
 
 
 SERVER_HEAD = ["server", "req/s @1", "p50 @1", "p99 @1", "req/s @32", "p50 @32", "p99 @32",
-               "CPU/req @32", "waited @32", "RSS MiB", "errors"]
+               "CPU/req @32", "waited @1/@32", "RSS MiB", "errors"]
 CHECK_HEAD = ["target", "uniframe", "best peer", "ratio", "wanted", "result"]
 
 
