@@ -22,9 +22,11 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,22 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_bench import (
-    BODY,
-    DEFAULT_NICE,
-    QUIET_MATH,
-    WRK_SCRIPT,
-    BenchError,
-    LoadResult,
-    cpu_busy,
-    free_port,
-    machine,
-    niced,
-    parse_wrk,
-    render,
-    tree_cpu_s,
-)
-
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -59,6 +45,105 @@ CONNECTIONS = (1, 32)
 PLACEMENTS = {"with-wrk": {LOAD_CORE}, "with-server": {SERVER_CORE}, "floating": {SERVER_CORE, LOAD_CORE}}
 MAX_P50_OVERHEAD_US = 300.0
 MIN_THROUGHPUT_RATIO = 0.80
+BODY = b'{"inputs":[{"name":"X","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+"""
+# Root may outrank the neighbours of this shared machine; the same for every process measured.
+DEFAULT_NICE = -10 if os.geteuid() == 0 else 0
+QUIET_MATH = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and what was seen."""
+
+
+@dataclass
+class LoadResult:
+    connections: int
+    requests: int
+    duration_s: float
+    rps: float
+    p50_us: float
+    p99_us: float
+    socket_errors: int
+    non_2xx: int
+    wrk_output: str
+
+
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
+_TIME = r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m)"
+
+
+def parse_wrk(text: str, connections: int) -> LoadResult:
+    """The figures of ``wrk --latency`` text output, times converted to µs."""
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    total = re.search(r"^\s*([0-9]+) requests in " + _TIME, text, re.M)
+    pct = {float(m.group(1)): float(m.group(2)) * _UNIT_US[m.group(3)]
+           for m in re.finditer(r"^\s*([0-9.]+)%\s+" + _TIME + r"\s*$", text.partition("Distribution")[2], re.M)}
+    if rps is None or total is None or 50.0 not in pct or 99.0 not in pct:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return LoadResult(connections, int(total.group(1)), float(total.group(2)) * _UNIT_US[total.group(3)] / 1e6,
+                      float(rps.group(1)), pct[50.0], pct[99.0],
+                      sum(int(g) for g in sock.groups()) if sock else 0,
+                      int(non2xx.group(1)) if non2xx else 0, text)
+
+
+def niced(nice: int, core: int, argv: list[str]) -> list[str]:
+    return [*(["nice", "-n", str(nice)] if nice else []), "taskset", "-c", str(core), *argv]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_busy(seconds: float = 2.0) -> dict[str, float]:
+    """Per-core busy percent just before the run: what the neighbours are doing."""
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *f = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                ticks = [int(x) for x in f]
+                out[name] = (sum(ticks), ticks[3] + ticks[4])
+        return out
+    before = sample()
+    time.sleep(seconds)
+    return {cpu: round(100.0 * (1 - (idle - before[cpu][1]) / max(total - before[cpu][0], 1)), 1)
+            for cpu, (total, idle) in sample().items()}
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "")
+    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version(), "wrk": (wrk_v.stdout or wrk_v.stderr).strip().split("\n")[0]}
+
+
+def render(title: str, head: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r, style={"PASS": "green", "FAIL": "red"}.get(r[-1], ""))
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 
 @dataclass
@@ -282,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                             os.sched_setaffinity(proxy.proc.pid, PLACEMENTS[t])
                         port = sport if t == "direct" else pport
                         for conns in CONNECTIONS:
-                            s0, p0 = tree_cpu_s(server.proc.pid), tree_cpu_s(proxy.proc.pid)
+                            s0, p0 = cpu_s(server.proc.pid), cpu_s(proxy.proc.pid)
                             load = wrk(port, script, conns, args.duration, args.nice)
-                            s1, p1 = tree_cpu_s(server.proc.pid), tree_cpu_s(proxy.proc.pid)
+                            s1, p1 = cpu_s(server.proc.pid), cpu_s(proxy.proc.pid)
                             n = max(load.requests, 1)
                             runs.append(Run(t, rep, load, (s1 - s0) * 1e6 / n,
                                             None if t == "direct" else (p1 - p0) * 1e6 / n))
