@@ -200,7 +200,7 @@ class Endpoint:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``timeout``), then end the process."""
         proc = self.process
         try:
