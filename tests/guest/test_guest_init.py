@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import APPS, SRC, wait_for_file, write_to_fifo
+from guest_support import APPS, SRC, wait_for_file, write_to_fifo
 
 from uniframe.guest.cmdline import encode_cmdline
 from uniframe.guest.initscript import render_init_script

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SRC
+from guest_support import SRC
 
 from uniframe.guest.initscript import PYTHON_FLAGS, render_init_script
 

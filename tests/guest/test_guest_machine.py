@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SRC, in_namespaces
+from guest_support import SRC, in_namespaces
 
 from uniframe.guest import entropy, libc, mounts
 from uniframe.guest.mounts import Mount, mount_all

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import write_to_fifo
+from guest_support import write_to_fifo
 
 from uniframe.guest.stop import StopControl, watch_console
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import APPS, SRC
+from guest_support import APPS, SRC
 from test_guest_init import marker, start_process
 
 from uniframe.build.initramfs import Device, Directory, Entry, File, write_initramfs

@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import IRIS_BODY, RunningServer, assert_healthy
+from serve_support import IRIS_BODY, RunningServer, assert_healthy
 
 
 def X(shape: list[int], data: Any, datatype: str = "FP32", name: str = "X") -> dict[str, Any]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import IRIS_BODY, RunningServer, assert_healthy, start_server
+from serve_support import IRIS_BODY, RunningServer, assert_healthy, start_server
 
 BODY = json.dumps(IRIS_BODY).encode()
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import IRIS_BODY, ONNX_TYPES, RunningServer
+from serve_support import IRIS_BODY, ONNX_TYPES, RunningServer
 
 SAMPLES: dict[str, list[list[Any]]] = {
     "BOOL": [[True, False, True], [False, False, True]],
