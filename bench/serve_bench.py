@@ -727,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
-            print(f"serve_bench: {tool} is not installed (scripts/install.sh installs it)", file=sys.stderr)
+            where = "scripts/install.sh installs it" if tool == "wrk" else "part of util-linux"
+            print(f"serve_bench: {tool} is not installed ({where})", file=sys.stderr)
             return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops the servers
 
