@@ -168,6 +168,10 @@ class Endpoint:
         if ready is None:
             proc.kill()
             proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
             where = f"; see {log}" if log is not None else " (pass log= to keep its output)"
             raise EndpointError(
                 f"the endpoint of service {service} did not start on {host}:{port} within "
