@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,8 @@ from uniframe.build.examples import write_iris
 from uniframe.build.store import Image, ImageStore
 from uniframe.build.unikernel import BuildResult, build_unikernel
 from uniframe.runtime.ports import PortMapping
-from uniframe.runtime.qemu.driver import QemuMicroVMDriver
+from uniframe.runtime.qemu.driver import QMP_SOCK, QemuMicroVMDriver
+from uniframe.runtime.qemu.qmp import Qmp
 from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
 from uniframe.runtime.verify import free_port, image_ref
 from uniframe.spec import InferenceService, load_file
@@ -144,11 +146,23 @@ def test_boot_infer_json_and_binary_then_stop(built: BuildResult, driver: QemuMi
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16
     assert struct.unpack("<2q", raw[hlen : hlen + 16]) == (0, 2)
 
+    # the guest's kernel took up free page reporting, so QEMU gets freed pages back
+    assert "VIRTIO_BALLOON_F_REPORTING" in _guest_features(driver, rid, "virtio-balloon")
+
     final = driver.stop(rid, timeout=20)
     assert final.state is ReplicaState.EXITED and final.exit_status == 0
     log = _console(driver, rid)
     assert "UNIFRAME-EXIT status=0" in log
     assert "uniframe-serve: stopped" in log  # the server drained on the guest's SIGTERM
+
+
+def _guest_features(driver: QemuMicroVMDriver, rid: str, device: str) -> set[str]:
+    """The feature bits the guest's driver acknowledged for a virtio device, asked over QMP."""
+    qmp = Qmp(driver.get(rid).dir / QMP_SOCK)
+    devices: Any = qmp.execute("x-query-virtio")
+    (path,) = [d["path"] for d in devices if d["name"] == device]
+    status: Any = qmp.execute("x-query-virtio-status", {"path": path})
+    return {f.split(":")[0] for f in status["guest-features"]["dev-features"]}
 
 
 def _with_args(image: Image, **keys: str) -> ImageRef:

@@ -13,7 +13,14 @@ from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.ports import PortMapping, parse_port_mapping
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu.initramfs import init_initramfs
-from uniframe.runtime.qemu.microvm import USER_NET_IP_ARG, MicroVM, accel_args, kernel_cmdline
+from uniframe.runtime.qemu.microvm import (
+    USER_NET_IP_ARG,
+    MicroVM,
+    accel_args,
+    add_kernel_args,
+    kernel_cmdline,
+)
+from uniframe.runtime.qemu.tsc import host_tsc_khz, measure_tsc_khz
 
 
 def test_kernel_cmdline_adds_runtime_keys_once_and_before_init_args() -> None:
@@ -29,7 +36,7 @@ def test_kernel_cmdline_adds_runtime_keys_once_and_before_init_args() -> None:
 
 def test_tcg_gets_a_bounded_code_cache_and_max_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UNIFRAME_TCG_TB_SIZE", raising=False)
-    assert accel_args("tcg") == ["-accel", "tcg,tb-size=64", "-cpu", "max"]
+    assert accel_args("tcg") == ["-accel", "tcg,tb-size=32", "-cpu", "max"]
     monkeypatch.setenv("UNIFRAME_TCG_TB_SIZE", "0")
     assert accel_args("tcg") == ["-accel", "tcg", "-cpu", "max"]
     assert accel_args("kvm") == ["-accel", "kvm", "-cpu", "host"]
@@ -40,6 +47,36 @@ def test_microvm_argv_escapes_commas_in_paths() -> None:
     assert "unix:/a,,b/qmp.sock,server=on,wait=off" in argv
     assert argv[argv.index("-M") + 1] == "microvm,acpi=off,x-option-roms=off"
     assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+def test_tcg_guests_get_the_timer_arguments_unless_the_image_set_them() -> None:
+    def appended(accel: str, cmdline: str) -> str:
+        argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline=cmdline, accel=accel).argv()
+        return argv[argv.index("-append") + 1]
+
+    khz = host_tsc_khz()
+    rate = f" tsc_early_khz={khz}" if khz else ""
+    assert appended("tcg", "console=ttyS0 -- --port 80") == \
+        f"console=ttyS0 tsc=reliable noapictimer{rate} -- --port 80"
+    assert appended("tcg", "tsc=unstable") == f"tsc=unstable noapictimer{rate}"
+    assert appended("kvm", "console=ttyS0") == "console=ttyS0"
+    assert add_kernel_args("a=1 b -- c=2", ["a=3", "b", "c=4"]) == "a=1 b c=4 -- c=2"
+
+
+def test_guests_report_freed_pages_to_qemu() -> None:
+    argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x").argv()
+    assert argv[argv.index("virtio-balloon-device,free-page-reporting=on") - 1] == "-device"
+    argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x", free_page_reporting=False).argv()
+    assert not any("balloon" in a for a in argv)
+
+
+def test_the_host_tsc_rate_is_measured_consistently() -> None:
+    first, second = measure_tsc_khz(), measure_tsc_khz()
+    if first is None:  # not x86-64, no constant TSC, or no executable memory: nothing to check
+        assert second is None
+        return
+    assert second is not None and 100_000 < first < 10_000_000  # 100 MHz to 10 GHz
+    assert abs(first - second) / first < 1e-3
 
 
 @pytest.mark.parametrize(("spec", "mapping"), [

@@ -13,9 +13,28 @@ DESIGN notes):
   ``-display none`` instead of ``-nographic`` because nothing is on stdio.
 - ``-no-reboot`` with ``reboot=t`` on the kernel command line: a kernel without
   ACPI cannot power off, so the guest exits by rebooting and QEMU then exits.
-- TCG gets ``-cpu max`` (RDRAND seeds the guest's entropy pool) and a bounded
-  translation cache (``tb-size``): under TCG the code cache, not guest RAM,
-  dominates QEMU's memory.
+- TCG gets ``-cpu max`` (RDRAND seeds the guest's entropy pool; no leaner
+  model booted the iris image faster) and a bounded translation cache
+  (``tb-size``): under TCG the code cache, not guest RAM, dominates QEMU's
+  memory. Booting the iris service translates more code than any size we
+  tried holds (128 MiB fills too), so the cache's RSS is its size: 32 MiB
+  costs ~2% more CPU to the first inference than 64 MiB and saves ~39 MB
+  of RSS; 24 MiB costs ~8% (bench/README.md, "Unikernel").
+- Under TCG the kernel also gets ``tsc=reliable``, ``tsc_early_khz=`` and
+  ``noapictimer`` (:func:`tcg_kernel_args`). QEMU's TSC is the host's, but
+  the kernel's clocksource watchdog compares it with jiffies, which fall
+  behind when the emulated CPU is busy, marks it unstable about a second
+  into the boot and falls back to refined-jiffies (coarse, lagging time for
+  the app); ``tsc=reliable`` skips the watchdog, and ``tsc_early_khz`` (the
+  host's rate, :mod:`.tsc`) spares the kernel a PIT calibration that fails
+  on a busy host. Calibrating the local APIC timer
+  against the PIT takes ~0.2 s of the boot, and on a busy host the timer
+  can fail its verification and be disabled anyway; ``noapictimer`` keeps
+  the PIT as the clock event device from the start.
+- A ``virtio-balloon-device`` with ``free-page-reporting=on``: the guest
+  reports the pages it frees (the compressed initrd once unpacked, init
+  memory) and QEMU drops them, ~20 MB less RSS after boot. The balloon is
+  never inflated; only the reporting is used.
 """
 
 from __future__ import annotations
@@ -23,13 +42,18 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uniframe.guest.cmdline import KERNEL_ARGS
+from uniframe.runtime.qemu.tsc import host_tsc_khz
 
 MACHINE = "microvm,acpi=off,x-option-roms=off"
-DEFAULT_TB_SIZE_MIB = 64
+DEFAULT_TB_SIZE_MIB = 32
+
+# Kernel arguments for a guest whose CPU QEMU emulates (see the module docstring).
+TCG_KERNEL_ARGS = ("tsc=reliable", "noapictimer")
 
 # Kernel arguments every uniframe guest needs (console, reboot=t, panic=-1,
 # random.trust_cpu=on), defined beside the guest init that relies on them.
@@ -74,6 +98,22 @@ def kernel_cmdline(image_cmdline: str, extra: list[str]) -> str:
     return f"{line} -- {init_part.strip()}".strip() if sep else line
 
 
+def tcg_kernel_args() -> list[str]:
+    """:data:`TCG_KERNEL_ARGS`, plus ``tsc_early_khz`` where the host's TSC rate is known."""
+    khz = host_tsc_khz()
+    return [*TCG_KERNEL_ARGS, *([f"tsc_early_khz={khz}"] if khz else [])]
+
+
+def add_kernel_args(cmdline: str, args: Sequence[str]) -> str:
+    """``cmdline`` plus each of ``args`` whose key it does not set yet, kept before any ``--``."""
+    kernel_part, sep, init_part = f" {cmdline} ".partition(" -- ")
+    words = kernel_part.split()
+    present = {w.split("=", 1)[0] for w in words}
+    words += [a for a in args if a.split("=", 1)[0] not in present]
+    line = " ".join(words)
+    return f"{line} -- {init_part.strip()}".strip() if sep else line
+
+
 @dataclass(frozen=True)
 class MicroVM:
     """Everything QEMU needs to boot one microVM."""
@@ -89,15 +129,17 @@ class MicroVM:
     machine: str = MACHINE
     netdev: tuple[str, ...] = ()          # e.g. ("user,id=net0,hostfwd=...",)
     rng: bool = True
+    free_page_reporting: bool = True
     serial: tuple[str, ...] = ("-serial", "stdio")
     qmp_socket: Path | None = None
     extra: tuple[str, ...] = field(default=())
 
     def argv(self) -> list[str]:
+        cmdline = add_kernel_args(self.cmdline, tcg_kernel_args()) if self.accel == "tcg" else self.cmdline
         argv = [self.qemu, "-M", self.machine, *accel_args(self.accel, self.tb_size),
                 "-smp", str(self.cpus), "-m", f"{self.memory_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-kernel", str(self.kernel), "-append", self.cmdline]
+                "-kernel", str(self.kernel), "-append", cmdline]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]
         argv += list(self.serial)
@@ -105,6 +147,8 @@ class MicroVM:
             argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
         if self.rng:
             argv += ["-device", "virtio-rng-device"]
+        if self.free_page_reporting:
+            argv += ["-device", "virtio-balloon-device,free-page-reporting=on"]
         for i, netdev in enumerate(self.netdev):
             argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i}"]
         return argv + list(self.extra)
