@@ -100,6 +100,14 @@ def image_ref(ref: str, store: ImageStore | None = None) -> ImageRef:
     return ImageRef(ref, digest, Path(), Path())
 
 
+def _layout_source(config: ReplicaConfig) -> Path:
+    """The layout to unpack: the image directory the caller resolved, else by reference."""
+    path = config.image.path
+    if path is not None and (path / "oci-layout").is_file():
+        return path
+    return resolve_image(config.image.ref)
+
+
 def resolve_image(ref: str, store: ImageStore | None = None) -> Path:
     """The OCI layout directory or archive that ``ref`` names."""
     path = Path(ref)
@@ -178,7 +186,7 @@ class RuncDriver(Driver):
             return None
         if config.command is not None:
             return (*config.command, *(config.args or ()))
-        with opened_layout(resolve_image(config.image.ref)) as layout_dir:
+        with opened_layout(_layout_source(config)) as layout_dir:
             entrypoint = read_layout(layout_dir).config.entrypoint
         return (*entrypoint, *(config.args or ()))
 
@@ -201,7 +209,7 @@ class RuncDriver(Driver):
         if config.name and any(r.name == config.name for r in self.list()):
             raise RuntimeDriverError(f"a replica named {config.name!r} already exists; remove it "
                                      f"with 'uniframe rm {config.name}' or pick another --name")
-        source = resolve_image(config.image.ref)
+        source = _layout_source(config)
         replica_id = secrets.token_hex(6)
         base = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(config.image.ref.split(":")[0]).name)[:40] or "container"
         name = config.name or f"{base}-{replica_id[:4]}"
