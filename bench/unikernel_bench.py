@@ -130,9 +130,9 @@ def measure(c: Method, work: Path, store: ImageStore, driver: QemuMicroVMDriver,
 
 def table(rows: list[dict[str, Any]], runs: int, requests: int, title: str) -> Table:
     t = Table(title=title)
-    for col in ("compression", "image on disk (kernel + initrd)", "unpacked", "files", "executables",
-                "QEMU start → first inference, median (min-max)", "QEMU CPU until then",
-                f"QEMU RSS boot / after {requests} req (anon + file)", "load 1 min", "build"):
+    for col in ("compression", "image (kernel + initrd)", "unpacked", "files", "executables",
+                "QEMU start → 1st inference, median (min-max)", "QEMU CPU until then",
+                f"QEMU RSS boot / after {requests} req (anon + file)", "load", "build"):
         t.add_column(col)
     for r in rows:
         times = [b["seconds"] for b in r["boots"]]
@@ -167,7 +167,7 @@ def main() -> int:
         ap.error("--runs must be at least 1")
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # QEMU inherits it
-    console = Console()
+    console = Console(width=200)  # one line per row, also when the output goes to a file
     kernel = ensure_kernel()
     work = Path(tempfile.mkdtemp(prefix="uniframe-bench-"))
     write_iris(work)

@@ -45,13 +45,14 @@ Progress = Callable[[str], None]
 MODEL_DIR = "/srv/models"
 SERVER_MODULE = "uniframe.serve"
 # The fastest boot measured under TCG (bench/unikernel_bench.py, bench/README.md):
-# the kernel's boot and unpacking of the iris image take ~1.1 s of QEMU CPU with
-# lz4, ~2.0 s with gzip and ~2.8 s with zstd; an uncompressed archive unpacks no
-# faster than lz4 and does not fit in 256 MiB beside its own unpacked copy.
+# QEMU start to first inference of iris took 4.29 s with lz4, 5.11 s with gzip and
+# 5.50 s with zstd (the kernel's zstd and gzip decoders are slow under TCG). No
+# compression tied with lz4 (4.29 s) but makes the image 2.5x larger and QEMU's
+# RSS 52 MB larger (QEMU keeps the initrd file mapped).
 DEFAULT_COMPRESSION: initramfs.Method = "lz4"
 # zstd is the choice for the smallest image: level 19 makes the iris initrd 11%
 # smaller than the default level 9 (24.9 vs 28.0 MB) and the kernel unpacks it
-# just as fast; only the build pays (~50 s of CPU for iris).
+# just as fast; only the build pays (~25-50 s of CPU for iris).
 LEVELS: dict[initramfs.Method, int] = {"zstd": 19}
 # The initramfs root as ramfs rather than tmpfs: the kernel caps a tmpfs root at
 # half the RAM it counts while the initrd still occupies memory, which in 256 MiB

@@ -17,9 +17,11 @@ DESIGN notes):
   model booted the iris image faster) and a bounded translation cache
   (``tb-size``): under TCG the code cache, not guest RAM, dominates QEMU's
   memory. Booting the iris service translates more code than any size we
-  tried holds (128 MiB fills too), so the cache's RSS is its size: 32 MiB
-  costs ~2% more CPU to the first inference than 64 MiB and saves ~39 MB
-  of RSS; 24 MiB costs ~8% (bench/README.md, "Unikernel").
+  tried holds (128 MiB fills too), so the cache's RSS is its size. On a
+  quiet host 32 MiB cost 8% more QEMU CPU to the first inference than
+  64 MiB (4.38 vs 4.04 s) and saved 35 MB of RSS (249 vs 284 MiB); 48 MiB
+  sat in between. Boot stays well inside its 8 s target and memory does
+  not, hence 32 (bench/README.md, "Unikernel").
 - Under TCG the kernel also gets ``tsc=reliable``, ``tsc_early_khz=`` and
   ``noapictimer`` (:func:`tcg_kernel_args`). QEMU's TSC is the host's, but
   the kernel's clocksource watchdog compares it with jiffies, which fall
