@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -158,6 +159,7 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=DEFAULT_NICE,
                     help="niceness of the bench and the QEMUs it starts (default -10 as root, else 0)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the images and replica logs")
     args = ap.parse_args()
     methods = [c for c in args.compression.split(",") if c]
     for c in methods:
@@ -170,13 +172,19 @@ def main() -> int:
     console = Console(width=200)  # one line per row, also when the output goes to a file
     kernel = ensure_kernel()
     work = Path(tempfile.mkdtemp(prefix="uniframe-bench-"))
-    write_iris(work)
-    store = ImageStore(work / "images")
-    driver = QemuMicroVMDriver(root=work / "replicas")
-    rows = []
-    for c in methods:
-        console.print(f"[dim]{c}: building, then {args.runs} boots[/dim]", highlight=False)
-        rows.append(measure(c, work, store, driver, args.runs, args.requests))
+    try:
+        write_iris(work)
+        store = ImageStore(work / "images")
+        driver = QemuMicroVMDriver(root=work / "replicas")
+        rows = []
+        for c in methods:
+            console.print(f"[dim]{c}: building, then {args.runs} boots[/dim]", highlight=False)
+            rows.append(measure(c, work, store, driver, args.runs, args.requests))
+    finally:
+        if args.keep:
+            console.print(f"images and replica logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     accel = rows[0]["accel"] if rows else "?"
     console.print(table(rows, args.runs, args.requests,
                         f"iris unikernel, {args.runs} boots each ({accel}, nice {args.nice}), "
