@@ -237,6 +237,9 @@ def main() -> int:
             root = unpack(image, work / f"root-{name}" / "root")
             row.tree = tree_stats(root)
             shutil.rmtree(root.parent, ignore_errors=True)
+        if image.kind == "vm":  # debugfs rdump drops setuid/setgid bits: take the build's count
+            rootfs = image.manifest.get("rootfs", {})
+            row.tree.setuid = int(rootfs.get("setuid", 0)) + int(rootfs.get("setgid", 0))
         if row.tree.packages is None:
             row.tree.packages = len(image.manifest.get("packages", [])) or None
         driver = driver_for_image(image, root=work / "replicas")
