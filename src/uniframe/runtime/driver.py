@@ -21,7 +21,9 @@ and the driver that owns it (:func:`find`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -39,11 +41,56 @@ IMAGE_KIND_RUNTIMES = {"unikernel": "unikernel", "vm": "vm", "oci": "container",
                        "process": "process"}
 
 
+class ReplicaNotFoundError(RuntimeDriverError):
+    """No replica answers to the id, id prefix or name given."""
+
+
 class Driver(abc.ABC):
-    """Create, start, stop, inspect and remove replicas of one runtime on this host."""
+    """Create, start, stop, inspect and remove replicas of one runtime on this host.
+
+    The replica records themselves (``<root>/<id>/replica.json``, written
+    atomically) are handled here, the same for every driver.
+    """
 
     kind: ClassVar[str]
+    noun: ClassVar[str] = "replica"  # how errors name this driver's replicas
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    root: Path
+
+    def _save(self, replica: Replica) -> None:
+        tmp = replica.dir / (REPLICA_FILE + ".tmp")
+        tmp.write_text(json.dumps(replica.to_json(), indent=2) + "\n")
+        os.replace(tmp, replica.dir / REPLICA_FILE)
+
+    def _all(self) -> list[Replica]:
+        """Every replica recorded under ``root``, whichever driver owns it, oldest first."""
+        if not self.root.is_dir():
+            return []
+        replicas = []
+        for d in self.root.iterdir():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                replicas.append(Replica.from_json(json.loads((d / REPLICA_FILE).read_text()), d))
+        return sorted(replicas, key=lambda r: (r.created_at, r.id))
+
+    def list(self) -> list[Replica]:
+        """This driver's replicas recorded on disk, oldest first."""
+        return [r for r in self._all() if r.driver == self.kind]
+
+    def get(self, ref: str) -> Replica:
+        """A replica by id, unique id prefix, or name."""
+        replicas = self.list()
+        for r in replicas:
+            if ref in (r.id, r.name):
+                return r
+        hits = [r for r in replicas if ref and r.id.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise ReplicaNotFoundError(f"{self.noun} id {ref!r} is ambiguous "
+                                       f"({', '.join(r.id for r in hits)}); give more characters")
+        known = ", ".join(f"{r.id} ({r.name})" for r in replicas) or "none"
+        raise ReplicaNotFoundError(f"no {self.noun} {ref!r} in {self.root}; {self.noun}s: {known} "
+                                   "(see 'uniframe ps -a')")
 
     @abc.abstractmethod
     def create(self, config: ReplicaConfig) -> Replica:
@@ -72,14 +119,6 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def logs(self, ref: str, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
         """The replica's console or stdout/stderr, from ``offset``; ``follow`` until it stops."""
-
-    @abc.abstractmethod
-    def list(self) -> list[Replica]:
-        """This driver's replicas recorded on disk, oldest first."""
-
-    @abc.abstractmethod
-    def get(self, ref: str) -> Replica:
-        """A replica by id, unique id prefix or name."""
 
 
 def driver_for(kind: str, root: Path | None = None) -> Driver:
@@ -137,6 +176,6 @@ def find(ref: str, root: Path | None = None) -> tuple[Driver, Replica]:
         kind = prefixed.pop() if len(prefixed) == 1 else None
     if kind is None:
         known = ", ".join(sorted(kinds)) or "none"
-        raise RuntimeDriverError(f"no replica {ref!r} (replicas: {known}); see 'uniframe ps -a'")
+        raise ReplicaNotFoundError(f"no replica {ref!r} (replicas: {known}); see 'uniframe ps -a'")
     driver = driver_for(kind, root)
     return driver, driver.get(ref)

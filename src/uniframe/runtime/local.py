@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -32,7 +31,7 @@ from pathlib import Path
 from uniframe.build.store import load_image_dir
 from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
-from uniframe.runtime.driver import REPLICA_FILE, Driver
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
@@ -52,38 +51,12 @@ exit $st
 class ProcessDriver(Driver):
     """Run process images as detached host processes."""
 
+    noun = "process replica"
     kind = "process"
     capabilities = frozenset({"host-network", "logs"})
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or state_dir() / "replicas"
-
-    def _save(self, replica: Replica) -> None:
-        tmp = replica.dir / (REPLICA_FILE + ".tmp")
-        tmp.write_text(json.dumps(replica.to_json(), indent=2) + "\n")
-        os.replace(tmp, replica.dir / REPLICA_FILE)
-
-    def list(self) -> list[Replica]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for d in self.root.iterdir():
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                r = Replica.from_json(json.loads((d / REPLICA_FILE).read_text()), d)
-                if r.driver == self.kind:
-                    out.append(r)
-        return sorted(out, key=lambda r: (r.created_at, r.id))
-
-    def get(self, ref: str) -> Replica:
-        replicas = self.list()
-        for r in replicas:
-            if ref in (r.id, r.name):
-                return r
-        hits = [r for r in replicas if ref and r.id.startswith(ref)]
-        if len(hits) == 1:
-            return hits[0]
-        known = ", ".join(f"{r.id} ({r.name})" for r in replicas) or "none"
-        raise RuntimeDriverError(f"no process replica {ref!r}; replicas: {known}")
 
     def create(self, config: ReplicaConfig) -> Replica:
         if config.image.path is None:

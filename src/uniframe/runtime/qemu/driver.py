@@ -68,10 +68,6 @@ START_TIMEOUT_S = 15.0
 _UNIX_PATH_MAX = 107
 
 
-class ReplicaNotFoundError(RuntimeDriverError):
-    """No replica has the id or name the user gave."""
-
-
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -83,6 +79,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 class QemuMicroVMDriver(Driver):
     """Create, start, stop, inspect and remove microVM replicas on this host."""
 
+    noun = "microVM replica"
     kind = "qemu-microvm"
     capabilities = frozenset({"port-forward", "bridge-network", "console", "logs"})
 
@@ -91,41 +88,6 @@ class QemuMicroVMDriver(Driver):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- records on disk -------------------------------------------------
-
-    def _save(self, replica: Replica) -> None:
-        tmp = replica.dir / (REPLICA_FILE + ".tmp")
-        tmp.write_text(json.dumps(replica.to_json(), indent=2) + "\n")
-        os.replace(tmp, replica.dir / REPLICA_FILE)
-
-    def _load(self, directory: Path) -> Replica:
-        return Replica.from_json(json.loads((directory / REPLICA_FILE).read_text()), directory)
-
-    def list(self) -> list[Replica]:
-        """Every replica recorded on disk, oldest first."""
-        if not self.root.is_dir():
-            return []
-        replicas = []
-        for d in self.root.iterdir():
-            if (d / REPLICA_FILE).is_file():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    replica = self._load(d)
-                    if replica.driver == self.kind:
-                        replicas.append(replica)
-        return sorted(replicas, key=lambda r: (r.created_at, r.id))
-
-    def get(self, ref: str) -> Replica:
-        """A replica by id, unique id prefix, or name."""
-        replicas = self.list()
-        for r in replicas:
-            if ref in (r.id, r.name):
-                return r
-        hits = [r for r in replicas if ref and r.id.startswith(ref)]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise ReplicaNotFoundError(f"replica id {ref!r} is ambiguous ({', '.join(r.id for r in hits)}); give more characters")
-        known = ", ".join(f"{r.id[:12]} ({r.name})" for r in replicas) or "none"
-        raise ReplicaNotFoundError(f"no replica {ref!r} in {self.root}; replicas: {known} (see 'uniframe ps -a')")
 
     # -- lifecycle ---------------------------------------------------------
 

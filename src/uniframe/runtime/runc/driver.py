@@ -70,10 +70,6 @@ NETWORK_MODES = {"user": "private", "bridge": "private", "private": "private", "
 SHIM = '"$1" --root "$2" run --bundle "$3" --pid-file "$4" "$5" </dev/null; echo $? >"$6.tmp"; mv "$6.tmp" "$6"'
 
 
-class ReplicaNotFoundError(RuntimeDriverError):
-    """No container replica has the id or name the user gave."""
-
-
 def _tail(path: Path, lines: int = 8) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -130,6 +126,7 @@ def resolve_image(ref: str, store: ImageStore | None = None) -> Path:
 class RuncDriver(Driver):
     """Create, start, stop, inspect and remove container replicas with runc (root only)."""
 
+    noun = "container replica"
     kind = "runc"
     capabilities = frozenset({"port-forward", "host-network", "cgroup-limits", "logs"})
 
@@ -138,37 +135,6 @@ class RuncDriver(Driver):
         self.runc_root = runc_root
 
     # -- records on disk -------------------------------------------------
-
-    def _save(self, replica: Replica) -> None:
-        tmp = replica.dir / (REPLICA_FILE + ".tmp")
-        tmp.write_text(json.dumps(replica.to_json(), indent=2) + "\n")
-        os.replace(tmp, replica.dir / REPLICA_FILE)
-
-    def list(self) -> list[Replica]:
-        """Every container replica recorded on disk, oldest first (microVMs are not ours)."""
-        if not self.root.is_dir():
-            return []
-        replicas = []
-        for d in self.root.iterdir():
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                r = Replica.from_json(json.loads((d / REPLICA_FILE).read_text()), d)
-                if r.driver == self.kind:
-                    replicas.append(r)
-        return sorted(replicas, key=lambda r: (r.created_at, r.id))
-
-    def get(self, ref: str) -> Replica:
-        """A replica by id, unique id prefix, or name."""
-        replicas = self.list()
-        for r in replicas:
-            if ref in (r.id, r.name):
-                return r
-        hits = [r for r in replicas if ref and r.id.startswith(ref)]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise ReplicaNotFoundError(f"replica id {ref!r} is ambiguous ({', '.join(r.id for r in hits)}); give more characters")
-        known = ", ".join(f"{r.id} ({r.name})" for r in replicas) or "none"
-        raise ReplicaNotFoundError(f"no container replica {ref!r} in {self.root}; replicas: {known}")
 
     # -- lifecycle ---------------------------------------------------------
 

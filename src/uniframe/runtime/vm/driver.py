@@ -42,7 +42,6 @@ from uniframe.runtime.ports import PortInUseError, ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
-from uniframe.runtime.qemu.driver import ReplicaNotFoundError
 from uniframe.runtime.qemu.microvm import console_chardev, launch_detached, user_netdev
 from uniframe.runtime.qemu.qmp import Qmp, QmpError
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
@@ -97,39 +96,6 @@ class QemuVMDriver(Driver):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- records on disk -------------------------------------------------
-
-    def _save(self, replica: Replica) -> None:
-        tmp = replica.dir / (REPLICA_FILE + ".tmp")
-        tmp.write_text(json.dumps(replica.to_json(), indent=2) + "\n")
-        os.replace(tmp, replica.dir / REPLICA_FILE)
-
-    def _all(self) -> list[Replica]:
-        if not self.root.is_dir():
-            return []
-        replicas = []
-        for d in self.root.iterdir():
-            if (d / REPLICA_FILE).is_file():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    replicas.append(Replica.from_json(json.loads((d / REPLICA_FILE).read_text()), d))
-        return sorted(replicas, key=lambda r: (r.created_at, r.id))
-
-    def list(self) -> list[Replica]:
-        """This driver's replicas recorded on disk, oldest first."""
-        return [r for r in self._all() if r.driver == self.kind]
-
-    def get(self, ref: str) -> Replica:
-        """A replica by id, unique id prefix, or name."""
-        replicas = self.list()
-        for r in replicas:
-            if ref in (r.id, r.name):
-                return r
-        hits = [r for r in replicas if ref and r.id.startswith(ref)]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise ReplicaNotFoundError(f"VM replica id {ref!r} is ambiguous ({', '.join(r.id for r in hits)}); give more characters")
-        known = ", ".join(f"{r.id[:12]} ({r.name})" for r in replicas) or "none"
-        raise ReplicaNotFoundError(f"no VM replica {ref!r} in {self.root}; VM replicas: {known}")
 
     # -- lifecycle ---------------------------------------------------------
 
