@@ -1,0 +1,127 @@
+"""The reconciler alone, in this process, against real model-server processes.
+
+Each claim is checked on what really runs (PIDs, HTTP answers), not only on
+what the reconciler wrote in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from uniframe.build.examples import write_iris
+from uniframe.build.store import ImageStore
+from uniframe.control.reconciler import READY, Reconciler, backoff
+from uniframe.control.store import ReplicaRecord, Store
+from uniframe.runtime.driver import driver_for
+from uniframe.spec import load_data
+
+IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
+                        "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+def iris_doc(model: Path, replicas: int) -> dict[str, object]:
+    return {"apiVersion": "uniframe.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "iris"},
+            "spec": {"model": {"uri": str(model)}, "runtime": "process", "replicas": replicas}}
+
+
+def infer(port: int) -> dict[str, object]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/iris/infer",
+                                 json.dumps(IRIS_ROW).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        result: dict[str, object] = json.loads(resp.read())
+        return result
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Store, Reconciler, Path]]:
+    store = Store.open(tmp_path / "state.db")
+    rec = Reconciler(store, state_root=tmp_path / "st", build_store=ImageStore(tmp_path / "img"))
+    model = write_iris(tmp_path / "model")
+    try:
+        yield store, rec, model
+    finally:
+        with store.tx() as tx:
+            if tx.get_object("InferenceService", "iris") is not None:
+                tx.delete_object("InferenceService", "iris")
+        rec.reconcile_once()
+        store.close()
+
+
+def until(rec: Reconciler, store: Store, check: Callable[[list[ReplicaRecord]], bool],
+          timeout: float = 60) -> list[ReplicaRecord]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rec.reconcile_once()
+        with store.tx(readonly=True) as tx:
+            replicas = tx.list_replicas("InferenceService", "iris")
+        if check(replicas):
+            return replicas
+        assert time.monotonic() < deadline, f"not reached in {timeout} s: {replicas}"
+        time.sleep(0.3)
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff(n) for n in range(3)] == [1.0, 2.0, 4.0]
+    assert backoff(30) == 60.0
+
+
+def test_replicas_start_answer_restart_scale_and_go(
+        setup: tuple[Store, Reconciler, Path], tmp_path: Path) -> None:
+    store, rec, model = setup
+    doc = load_data(iris_doc(model, 2))
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris",
+                        doc.spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+    replicas = until(rec, store, lambda rs: len(rs) == 2 and all(r.state == READY for r in rs))
+    ports = {r.host_port for r in replicas}
+    assert len(ports) == 2
+    for r in replicas:
+        assert r.host_port is not None
+        assert "outputs" in infer(r.host_port)
+
+    # kill -9 one replica's server: it comes back on the same port, counted
+    driver = driver_for("process", tmp_path / "st" / "replicas")
+    victim = replicas[0]
+    pid = driver.get(victim.id).pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    replicas = until(rec, store, lambda rs: any(r.id == victim.id and r.restarts == 1
+                                                and r.state == READY for r in rs))
+    assert len(replicas) == 2
+    assert driver.get(victim.id).pid != pid
+    assert victim.host_port is not None and "outputs" in infer(victim.host_port)
+    with store.tx(readonly=True) as tx:
+        reasons = [e.reason for e in tx.events(replica_id=victim.id)]
+    assert "Died" in reasons and "Restarted" in reasons
+
+    # a second pass over a converged object starts nothing
+    rec.reconcile_once()
+    assert len(driver.list()) == 2
+
+    # scale down to one, then delete: processes and records go
+    with store.tx() as tx:
+        obj = tx.get_object("InferenceService", "iris")
+        assert obj is not None
+        tx.update_object("InferenceService", "iris",
+                         {**obj.spec, "spec": {**obj.spec["spec"], "replicas": 1}},
+                         generation=obj.generation)
+    (survivor,) = until(rec, store, lambda rs: len(rs) == 1)
+    assert survivor.id in {r.id for r in replicas}  # scaling kept the image and a replica
+    assert len(driver.list()) == 1
+    with store.tx() as tx:
+        tx.delete_object("InferenceService", "iris")
+    rec.reconcile_once()
+    assert driver.list() == []
+    with store.tx(readonly=True) as tx:
+        assert tx.list_replicas() == []
+        assert tx.get_object("InferenceService", "iris", include_deleted=True) is None
