@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Each import registers its commands on ``app``.
-from uniframe.cli import build, examples, infer, kernel, model, run, serve, validate  # noqa: F401
+from uniframe.cli import build, daemon, examples, infer, kernel, model, run, serve, validate  # noqa: F401
 from uniframe.cli.app import run as run_app
 
 
