@@ -104,6 +104,23 @@ def test_replicas_start_answer_restart_scale_and_go(
         reasons = [e.reason for e in tx.events(replica_id=victim.id)]
     assert "Died" in reasons and "Restarted" in reasons
 
+    # two more quick deaths: the third in a row is a crash loop, retried at longer back-off
+    for n in (2, 3):
+        pid = driver.get(victim.id).pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        until(rec, store, lambda rs, n=n: any(r.id == victim.id and r.restarts == n
+                                              and r.state == READY for r in rs))
+    with store.tx(readonly=True) as tx:
+        reasons = [e.reason for e in tx.events(replica_id=victim.id)]
+    assert reasons.count("Died") == 2 and reasons.count("CrashLoop") == 1
+    assert reasons.count("Restarted") == 3
+    with store.tx(readonly=True) as tx:
+        events = tx.events(replica_id=victim.id)
+    loop = next(e for e in events if e.reason == "CrashLoop")
+    retry = next(e for e in events if e.reason == "Restarted" and e.id > loop.id)
+    assert retry.time - loop.time >= backoff(2) - 0.1  # waited out the back-off
+
     # a second pass over a converged object starts nothing
     rec.reconcile_once()
     assert len(driver.list()) == 2

@@ -116,6 +116,7 @@ class Reconciler:
         self.images = build_store or ImageStore()
         self.log = log or (lambda _m: None)
         self._image_cache: dict[tuple[str, str], Image] = {}
+        self._failing: dict[str, str] = {}  # object ref -> the failure last reported
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.passes = 0
@@ -151,13 +152,18 @@ class Reconciler:
         for obj in objects:
             try:
                 self.reconcile_object(obj)
+                self._failing.pop(obj.ref, None)
             except UniframeError as exc:
                 result.errors += 1
                 self.errors += 1
+                message = str(exc)[:2000]
+                if self._failing.get(obj.ref) == message:
+                    continue  # the same failure again: one event, not one per pass
+                self._failing[obj.ref] = message
                 self.log(f"{obj.ref}: {exc}")
                 with contextlib.suppress(UniframeError), self.store.tx() as tx:
                     if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
-                        tx.add_event(obj.kind, obj.name, "ReconcileFailed", str(exc)[:2000],
+                        tx.add_event(obj.kind, obj.name, "ReconcileFailed", message,
                                      type="Warning")
         self.passes += 1
         self.last_pass_seconds = time.monotonic() - started
