@@ -130,6 +130,7 @@ def test_same_answers_everywhere_and_nothing_left(
     finally:
         driver.remove(replica.id, force=True)
     assert pid is not None
-    assert not Path(f"/proc/{pid}").exists() or ProcessRef.of(pid).start_time != replica.pid_start_time
+    assert replica.pid_start_time is not None
+    assert not ProcessRef(pid, replica.pid_start_time).alive()  # gone (a zombie counts as gone)
     assert not replica.dir.exists()
     assert _host_traces(replica.id) == []

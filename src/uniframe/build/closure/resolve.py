@@ -196,6 +196,13 @@ def resolve(
     executable = add(record.executable)
     if executable is None:
         raise BuildError(f"the traced interpreter {record.executable} is not a file on this host")
+    # A virtual environment's interpreter finds its prefix (and so its site-packages)
+    # through pyvenv.cfg beside or above it, read before any audit hook can see it.
+    venv_bin = os.path.dirname(absolute(record.executable))
+    for cfg in (os.path.join(venv_bin, "pyvenv.cfg"), os.path.join(os.path.dirname(venv_bin), "pyvenv.cfg")):
+        if os.path.isfile(cfg):
+            add(cfg)
+            break
     module_files: set[str] = set()
     for _name, file in sorted(record.modules.items()):
         if not file:
