@@ -35,8 +35,9 @@ from uniframe.build.closure.model import Closure
 from uniframe.build.closure.trace import WarmupRequest, trace
 from uniframe.build.kernel import Kernel, ensure_kernel, user_kernel
 from uniframe.build.model import ResolvedModel, resolve_model
+from uniframe.build.modelstore import describe_onnx
 from uniframe.build.store import BUILD_INFO, Image, ImageStore, finalize_manifest
-from uniframe.errors import BuildError
+from uniframe.errors import BuildError, ModelError
 from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
 from uniframe.guest.initscript import DEVICE_NODES, MOUNT_POINTS, render_init_script
 from uniframe.spec import InferenceService
@@ -82,22 +83,10 @@ def _free_port() -> int:
 
 def model_signature(model: ResolvedModel) -> dict[str, list[dict[str, Any]]]:
     """The model's inputs and outputs in OIP terms, as the server will announce them."""
-    import onnxruntime as ort
-
-    from uniframe.serve.datatypes import FROM_ONNX
-
-    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-    sig: dict[str, list[dict[str, Any]]] = {}
-    for role, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        sig[role] = []
-        for arg in args:
-            datatype = FROM_ONNX.get(arg.type)
-            if datatype is None:
-                raise BuildError(f"model {role[:-1]} {arg.name!r} has type {arg.type}, "
-                                 "which the Open Inference Protocol cannot carry")
-            shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
-            sig[role].append({"name": arg.name, "datatype": datatype, "shape": shape})
-    return sig
+    try:
+        return describe_onnx(model.path)
+    except ModelError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def sample_request(inputs: list[dict[str, Any]]) -> bytes:

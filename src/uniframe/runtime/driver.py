@@ -24,7 +24,8 @@ import abc
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -71,6 +72,27 @@ class Driver(abc.ABC):
             with contextlib.suppress(OSError, ValueError, KeyError):
                 replicas.append(Replica.from_json(json.loads((d / REPLICA_FILE).read_text()), d))
         return sorted(replicas, key=lambda r: (r.created_at, r.id))
+
+    @staticmethod
+    def _read_log(path: Path, offset: int, follow: bool, running: Callable[[], bool]) -> Iterator[bytes]:
+        """A log file from ``offset``; with ``follow``, until ``running()`` turns false."""
+        while follow and not path.exists() and running():
+            time.sleep(0.05)
+        if not path.exists():
+            return
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            while True:
+                chunk = fh.read(65536)
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or not running():
+                    rest = fh.read()
+                    if rest:
+                        yield rest
+                    return
+                time.sleep(0.05)
 
     def list(self) -> list[Replica]:
         """This driver's replicas recorded on disk, oldest first."""

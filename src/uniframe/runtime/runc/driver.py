@@ -416,19 +416,5 @@ class RuncDriver(Driver):
         """The container's output from ``offset``; with ``follow``, until the replica stops."""
         replica = self.get(ref)
         path = replica.dir / LOG_FILE
-        if not path.exists():
-            return
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            while True:
-                chunk = fh.read(65536)
-                if chunk:
-                    yield chunk
-                    continue
-                if not follow or not self._running(replica):
-                    rest = fh.read()
-                    if rest:
-                        yield rest
-                    return
-                time.sleep(0.05)
+        yield from self._read_log(path, offset, follow, lambda: self._running(replica))
 
