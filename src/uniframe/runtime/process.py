@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +60,22 @@ class ProcessRef:
         except ProcessLookupError:
             return False
         return True
+
+
+def launched_alive(pid: int | None, start_time: int | None,
+                   children: dict[int, subprocess.Popen[bytes]] | None = None) -> bool:
+    """Whether the process a driver launched (pid + start time) still runs.
+
+    A child of this very process is asked through its Popen (which also reaps
+    it); any other is recognised by its start time and reaped if it is ours.
+    """
+    if pid is None or start_time is None:
+        return False
+    child = (children or {}).get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    pref = ProcessRef(pid, start_time)
+    alive = pref.alive()
+    if not alive:
+        pref.reap()
+    return alive

@@ -39,7 +39,7 @@ from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
 from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortInUseError, ensure_free
-from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.process import ProcessRef, launched_alive
 from uniframe.runtime.qemu import network as network
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
@@ -187,16 +187,7 @@ class QemuMicroVMDriver(Driver):
         return ProcessRef(replica.pid, replica.pid_start_time)
 
     def _running(self, replica: Replica) -> bool:
-        pref = self._process(replica)
-        if pref is None:
-            return False
-        child = self._children.get(pref.pid)
-        if child is not None and child.poll() is not None:
-            return False
-        alive = pref.alive()
-        if not alive:
-            pref.reap()
-        return alive
+        return launched_alive(replica.pid, replica.pid_start_time, self._children)
 
     def inspect(self, ref: str) -> ReplicaStatus:
         """Running, or how it ended: the guest's exit status, or crashed if it gave none."""
