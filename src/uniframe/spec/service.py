@@ -181,6 +181,10 @@ class Rollout(StrictModel):
     max_surge: CountOrPercent = 1
     max_unavailable: CountOrPercent = 0
     canary: Canary | None = None
+    progress_deadline_seconds: float = Field(
+        default=300, gt=0,
+        description="a new replica not ready this long after it was created fails the rollout, "
+                    "which then rolls back by itself")
 
     @model_validator(mode="after")
     def _consistent(self) -> Rollout:
@@ -224,6 +228,10 @@ class InferenceServiceSpec(StrictModel):
     autoscaling: Autoscaling | None = None
     rollout: Rollout = Field(default_factory=Rollout)
     port: Port = 8080
+    service_port: Port | None = Field(
+        default=None,
+        description="the stable host port of the service endpoint (default: one chosen once "
+                    "and kept)")
     env: EnvVars = Field(default_factory=dict)
     health_check: ServiceHealthCheck = Field(default_factory=ServiceHealthCheck)
     server: Server = Field(default_factory=Server)
