@@ -64,7 +64,7 @@ def test_concurrent_first_opens_migrate_once(store_target: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(s.migrated_from for s in stores) == [0, 1, 1, 1]
+    assert sorted(s.migrated_from for s in stores) == [0] + [SCHEMA_VERSION] * 3
     for s in stores:
         s.close()
 
@@ -511,3 +511,67 @@ def test_a_dropped_postgresql_connection_is_replaced(pg_server: PgServer) -> Non
     finally:
         store.close()
         pg_server.drop_database(db)
+
+
+def test_revisions_number_in_rollout_order_and_a_rollback_becomes_the_newest(store: Store) -> None:
+    with store.tx() as tx:
+        tx.create_object(SVC, "iris", SPEC)
+        first = tx.record_revision(SVC, "iris", "sha256:a", SPEC)
+        assert tx.record_revision(SVC, "iris", "sha256:a", SPEC) == first  # no change, no row
+        tx.record_revision(SVC, "iris", "sha256:b", {**SPEC, "x": 2})
+        back = tx.record_revision(SVC, "iris", "sha256:a", SPEC)
+        revs = tx.list_revisions(SVC, "iris")
+    assert first.number == 1
+    assert back.number == 3
+    assert [(r.number, r.digest) for r in revs] == [(2, "sha256:b"), (3, "sha256:a")]
+    assert revs[0].spec == {**SPEC, "x": 2}
+
+
+def test_rollouts_are_one_row_per_object_and_purged_with_it(store: Store) -> None:
+    with store.tx() as tx:
+        tx.create_object(SVC, "iris", SPEC)
+        tx.record_revision(SVC, "iris", "sha256:a", SPEC)
+        assert tx.get_rollout(SVC, "iris") is None
+        tx.start_rollout(SVC, "iris", strategy="canary", from_digest="sha256:a",
+                         to_digest="sha256:b", state="progressing", traffic_percent=10)
+        tx.start_rollout(SVC, "iris", strategy="rolling", from_digest="sha256:b",
+                         to_digest="sha256:c", state="progressing", traffic_percent=None)
+        done = tx.update_rollout(SVC, "iris", state="complete", message="3 of 3 ready")
+        assert (done.strategy, done.from_digest, done.to_digest) == ("rolling", "sha256:b",
+                                                                      "sha256:c")
+        assert (done.state, done.message, done.traffic_percent) == ("complete", "3 of 3 ready",
+                                                                    None)
+        with pytest.raises(NotFoundError, match="has no rollout"):
+            tx.update_rollout(SVC, "other", state="complete")
+        tx.delete_object(SVC, "iris")
+        tx.purge_object(SVC, "iris")
+        assert tx.get_rollout(SVC, "iris") is None
+        assert tx.list_revisions(SVC, "iris") == []
+
+
+def test_a_version_1_database_gains_replica_revisions(tmp_path: Path) -> None:
+    from uniframe.control.store import schema
+    from uniframe.control.store.dialect import SqliteConnection
+
+    path = tmp_path / "old.db"
+    conn = SqliteConnection(path)
+    conn.begin(readonly=False)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in schema.MIGRATIONS[0](conn.types):
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute("INSERT INTO objects VALUES (?, ?, ?, ?, 1, 0, 0, 0)",
+                 (SVC, "iris", json.dumps(SPEC), spec_digest(SPEC)))
+    conn.execute("INSERT INTO replicas (id, object_kind, object_name, driver, image_digest, state, "
+                 "desired, created_at, updated_at) VALUES ('r1', ?, 'iris', 'process', 'd', "
+                 "'ready', 'running', 0, 0)", (SVC,))
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    try:
+        assert store.migrated_from == 1
+        with store.tx(readonly=True) as tx:
+            (replica,) = tx.list_replicas()
+        assert (replica.id, replica.state, replica.revision) == ("r1", "ready", "")
+    finally:
+        store.close()

@@ -1,4 +1,5 @@
-"""The control plane's durable state: objects, replicas, events, models and service endpoints.
+"""The control plane's durable state: objects, replicas, revisions, rollouts, events, models and
+service endpoints.
 
 One repository API (:class:`Store`, :class:`Tx`) over two SQL dialects: a
 SQLite file in WAL mode by default (``<data>/state.db``), or PostgreSQL when
@@ -19,6 +20,8 @@ from uniframe.control.store.records import (
     EventType,
     ObjectRecord,
     ReplicaRecord,
+    Revision,
+    RolloutRecord,
 )
 from uniframe.control.store.schema import SCHEMA_VERSION
 from uniframe.control.store.store import (
@@ -40,6 +43,8 @@ __all__ = [
     "EventType",
     "ObjectRecord",
     "ReplicaRecord",
+    "Revision",
+    "RolloutRecord",
     "Store",
     "Tx",
     "canonical_json",

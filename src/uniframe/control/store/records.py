@@ -61,6 +61,7 @@ class ReplicaRecord:
     last_error: str = ""
     restarts: int = 0
     next_restart_at: float | None = None
+    revision: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,36 @@ class Endpoint:
     service: str
     host_port: int
     created_at: float
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One distinct spec an object has run, numbered in the order it was last rolled out.
+
+    ``digest`` covers what replicas are made from (model, runtime, resources,
+    ...), not the replica count, so scaling is not a revision. Rolling back to
+    an earlier spec renumbers it as the newest, as ``kubectl rollout undo`` does.
+    """
+
+    kind: str
+    name: str
+    number: int
+    digest: str
+    spec: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """The latest rollout of an object: from which revision to which, and how far it got."""
+
+    kind: str
+    name: str
+    strategy: str
+    from_digest: str
+    to_digest: str
+    state: str
+    traffic_percent: int | None
+    message: str
+    started_at: float
+    updated_at: float

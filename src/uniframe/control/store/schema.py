@@ -73,7 +73,34 @@ def _v1(t: Types) -> list[str]:
     ]
 
 
-MIGRATIONS = [_v1]
+def _v2(t: Types) -> list[str]:
+    """Revisions and rollouts: what each spec change rolls out, and how far it got."""
+    return [
+        "ALTER TABLE replicas ADD COLUMN revision TEXT NOT NULL DEFAULT ''",
+        f"""CREATE TABLE revisions (
+            object_kind TEXT NOT NULL,
+            object_name TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            digest TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            created_at {t.real} NOT NULL,
+            PRIMARY KEY (object_kind, object_name, digest))""",
+        f"""CREATE TABLE rollouts (
+            object_kind TEXT NOT NULL,
+            object_name TEXT NOT NULL,
+            strategy TEXT NOT NULL,
+            from_digest TEXT NOT NULL,
+            to_digest TEXT NOT NULL,
+            state TEXT NOT NULL,
+            traffic_percent INTEGER,
+            message TEXT NOT NULL DEFAULT '',
+            started_at {t.real} NOT NULL,
+            updated_at {t.real} NOT NULL,
+            PRIMARY KEY (object_kind, object_name))""",
+    ]
+
+
+MIGRATIONS = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA_LOCK = 0x756E6966  # "unif"
 

@@ -47,6 +47,8 @@ from uniframe.control.store.records import (
     EventType,
     ObjectRecord,
     ReplicaRecord,
+    Revision,
+    RolloutRecord,
 )
 from uniframe.control.store.schema import migrate
 from uniframe.errors import ConflictError, NotFoundError, StateError
@@ -199,7 +201,11 @@ class Store:
 
 _OBJECT_COLUMNS = "kind, name, spec, spec_digest, generation, created_at, updated_at, deleted"
 _REPLICA_COLUMNS = ("id, object_kind, object_name, driver, image_digest, state, desired, "
-                    "host_port, created_at, updated_at, last_error, restarts, next_restart_at")
+                    "host_port, created_at, updated_at, last_error, restarts, next_restart_at, "
+                    "revision")
+_REVISION_COLUMNS = "object_kind, object_name, number, digest, spec, created_at"
+_ROLLOUT_COLUMNS = ("object_kind, object_name, strategy, from_digest, to_digest, state, "
+                    "traffic_percent, message, started_at, updated_at")
 _EVENT_COLUMNS = "id, at, object_kind, object_name, replica_id, type, reason, message"
 _MODEL_COLUMNS = "name, version, sha256, format, inputs, outputs, size, created_at, metadata"
 
@@ -216,7 +222,20 @@ def _replica(row: Sequence[Any]) -> ReplicaRecord:
                          host_port=None if row[7] is None else int(row[7]),
                          created_at=float(row[8]), updated_at=float(row[9]), last_error=row[10],
                          restarts=int(row[11]),
-                         next_restart_at=None if row[12] is None else float(row[12]))
+                         next_restart_at=None if row[12] is None else float(row[12]),
+                         revision=row[13])
+
+
+def _revision(row: Sequence[Any]) -> Revision:
+    return Revision(kind=row[0], name=row[1], number=int(row[2]), digest=row[3],
+                    spec=json.loads(row[4]), created_at=float(row[5]))
+
+
+def _rollout(row: Sequence[Any]) -> RolloutRecord:
+    return RolloutRecord(kind=row[0], name=row[1], strategy=row[2], from_digest=row[3],
+                         to_digest=row[4], state=row[5],
+                         traffic_percent=None if row[6] is None else int(row[6]),
+                         message=row[7], started_at=float(row[8]), updated_at=float(row[9]))
 
 
 def _event(row: Sequence[Any]) -> Event:
@@ -385,6 +404,8 @@ class Tx:
         if left:
             raise ConflictError(f"{kind}/{name} still has replicas "
                                 f"({', '.join(r.id for r in left)}); remove them first")
+        self._write("DELETE FROM revisions WHERE object_kind = ? AND object_name = ?", (kind, name))
+        self._write("DELETE FROM rollouts WHERE object_kind = ? AND object_name = ?", (kind, name))
         try:
             self._write("DELETE FROM objects WHERE kind = ? AND name = ?", (kind, name))
         except Integrity:
@@ -406,7 +427,7 @@ class Tx:
 
     def add_replica(self, id: str, kind: str, name: str, *, driver: str, image_digest: str,
                     state: str = "pending", desired: str = "running",
-                    host_port: int | None = None) -> ReplicaRecord:
+                    host_port: int | None = None, revision: str = "") -> ReplicaRecord:
         """Record a replica of a live object (before starting it, so a crash cannot orphan it)."""
         self._check_writable()
         if self.get_object(kind, name) is None:
@@ -416,9 +437,9 @@ class Tx:
             raise ConflictError(f"replica {id} already exists")
         try:
             self._write(f"INSERT INTO replicas ({_REPLICA_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (id, kind, name, driver, image_digest, state, desired, host_port,
-                         self.now, self.now, "", 0, None))
+                         self.now, self.now, "", 0, None, revision))
         except Integrity as exc:
             raise ConflictError(f"cannot add replica {id} to {kind}/{name}: {exc}") from None
         replica = self.get_replica(id)
@@ -476,6 +497,72 @@ class Tx:
         _, count = self._write("DELETE FROM replicas WHERE id = ?", (id,))
         if count != 1:
             raise NotFoundError(f"replica {id} does not exist")
+
+    # -- revisions and rollouts ------------------------------------------------------------
+
+    def record_revision(self, kind: str, name: str, digest: str,
+                        spec: dict[str, Any]) -> Revision:
+        """The revision for ``digest``, made the newest if it is not already.
+
+        Called by the reconciler each pass: a digest that is already the newest
+        changes nothing; an older digest coming back (a rollback) is renumbered
+        as the newest, so "the previous revision" always means the one before it.
+        """
+        revs = self.list_revisions(kind, name)
+        if revs and revs[-1].digest == digest:
+            return revs[-1]
+        self._check_writable()
+        number = (revs[-1].number + 1) if revs else 1
+        if any(r.digest == digest for r in revs):
+            self._write("UPDATE revisions SET number = ?, spec = ?, created_at = ? "
+                        "WHERE object_kind = ? AND object_name = ? AND digest = ?",
+                        (number, canonical_json(spec), self.now, kind, name, digest))
+        else:
+            self._write(f"INSERT INTO revisions ({_REVISION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                        (kind, name, number, digest, canonical_json(spec), self.now))
+        return Revision(kind, name, number, digest, spec, self.now)
+
+    def list_revisions(self, kind: str, name: str) -> list[Revision]:
+        """An object's revisions, oldest first."""
+        rows = self._run(f"SELECT {_REVISION_COLUMNS} FROM revisions "
+                         "WHERE object_kind = ? AND object_name = ? ORDER BY number",
+                         (kind, name))
+        return [_revision(r) for r in rows]
+
+    def get_rollout(self, kind: str, name: str) -> RolloutRecord | None:
+        rows = self._run(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
+                         "WHERE object_kind = ? AND object_name = ?", (kind, name))
+        return _rollout(rows[0]) if rows else None
+
+    def start_rollout(self, kind: str, name: str, *, strategy: str, from_digest: str,
+                      to_digest: str, state: str, traffic_percent: int | None,
+                      message: str = "") -> RolloutRecord:
+        """Make this the object's rollout, replacing the one before (its end is in the events)."""
+        self._check_writable()
+        self._write("DELETE FROM rollouts WHERE object_kind = ? AND object_name = ?", (kind, name))
+        self._write(f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, name, strategy, from_digest, to_digest, state, traffic_percent,
+                     message, self.now, self.now))
+        rollout = self.get_rollout(kind, name)
+        assert rollout is not None
+        return rollout
+
+    def update_rollout(self, kind: str, name: str, *, state: str,
+                       message: str | _Unset = UNSET) -> RolloutRecord:
+        self._check_writable()
+        if isinstance(message, _Unset):
+            sql, params = "UPDATE rollouts SET state = ?, updated_at = ?", [state, self.now]
+        else:
+            sql, params = ("UPDATE rollouts SET state = ?, message = ?, updated_at = ?",
+                           [state, message, self.now])
+        _, count = self._write(sql + " WHERE object_kind = ? AND object_name = ?",
+                               (*params, kind, name))
+        if count != 1:
+            raise NotFoundError(f"{kind}/{name} has no rollout")
+        rollout = self.get_rollout(kind, name)
+        assert rollout is not None
+        return rollout
 
     # -- events ----------------------------------------------------------------------------
 
