@@ -1,40 +1,68 @@
-"""Make what runs match what was applied: one pass at a time, one object at a time.
+"""Make what runs match what was applied: serial per object, objects in parallel.
 
-The store says what is desired (applied objects) and what the control plane
-believes it started (the ``replicas`` table); the drivers say what really
-runs. A pass compares the three and acts, so the reconciler holds no state of
-its own worth keeping: a daemon killed at any point and started again reads
-the same tables, finds its replicas still running (they live in their own
-sessions) and carries on without starting duplicates.
+The store says what is desired (applied objects, their revisions and
+rollouts) and what the control plane believes it started (the ``replicas``
+table); the drivers say what really runs. Each object's pass compares the
+three and acts, so the reconciler holds no state worth keeping: a daemon
+killed at any point and started again reads the same tables, finds its
+replicas and endpoints still running (they live in their own sessions) and
+carries on without starting duplicates.
 
 Order of writes: a replica is recorded in the store right after the driver
 creates it on disk and *before* it is started, so a crash can leave a record
 whose process never ran (cleaned up by the next pass), never a running
-process nobody knows about.
+process nobody knows about. A replica leaves the endpoint (drained: no new
+requests, those in flight finish) before it is stopped, so retiring one
+during a rollout or a scale-down fails no request.
 
-Crash handling: a replica that dies is started again after a back-off that
-doubles with every restart (``BACKOFF_BASE`` … ``BACKOFF_MAX`` seconds); the
-count and the next attempt time live in the store so they survive the daemon.
-After ``CRASH_LOOP_AFTER`` restarts whose process died within
-``QUICK_FAILURE`` seconds, the replica is marked ``crash-loop`` (it still
-gets retried, at the longest back-off).
+One pass of one object:
+
+1. record the spec's revision and, if it is new, start a rollout;
+2. make sure the revision's image exists (build it if not);
+3. observe every replica: readiness and liveness probes, restarts with a
+   doubling back-off, a visible crash-loop state;
+4. if the rollout's new replicas fail (die repeatedly, or are not ready
+   within ``progressDeadlineSeconds``), apply the previous revision again;
+5. ask :mod:`.planner` what to create and retire (scale, rolling, canary),
+   tell the endpoint, act, and record how far the rollout got.
+
+Objects are reconciled on a thread pool, one task per object at a time, so
+an image build for one service does not hold up restarts of another.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from uniframe.build.images import build_image, image_port
 from uniframe.build.store import Image, ImageStore
-from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx, spec_digest
+from uniframe.control import planner
+from uniframe.control.endpoints import Endpoints
+from uniframe.control.health import Liveness, probe
+from uniframe.control.proxy import Backend
+from uniframe.control.rollouts import revision_digest, with_revision
+from uniframe.control.states import (
+    COMPLETE,
+    CRASH_LOOP,
+    CRASHED,
+    FAILED,
+    PAUSED,
+    PENDING,
+    PROGRESSING,
+    PROMOTED,
+    READY,
+    ROLLED_BACK,
+    STARTING,
+)
+from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
 from uniframe.errors import UniframeError
 from uniframe.runtime.driver import (
     IMAGE_KIND_RUNTIMES,
@@ -47,46 +75,23 @@ from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.replica import ReplicaConfig, ReplicaState
 from uniframe.runtime.verify import free_port, image_ref
 from uniframe.spec import InferenceService, load_data
+from uniframe.spec.service import InferenceServiceSpec
+
+__all__ = ["READY", "SERVICE_KIND", "PassResult", "Reconciler", "backoff"]
 
 SERVICE_KIND = "InferenceService"
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 CRASH_LOOP_AFTER = 3
 QUICK_FAILURE = 30.0
-READY_PATH = "/v2/health/ready"
-
-# Replica states the reconciler writes in the store.
-PENDING = "pending"      # recorded, not yet started
-STARTING = "starting"    # the process runs, readiness not yet seen
-READY = "ready"          # answered GET /v2/health/ready with 200
-CRASHED = "crashed"      # died; waiting for its back-off to restart
-CRASH_LOOP = "crash-loop"
-
-
-def build_digest(spec: dict[str, Any]) -> str:
-    """The digest of what goes into the image: the spec without its replica count.
-
-    Scaling must not rebuild the image nor replace the replicas that run.
-    """
-    body = {k: v for k, v in spec.get("spec", {}).items() if k not in ("replicas", "autoscaling")}
-    return spec_digest({**spec, "spec": body})
+ROLLBACK_AFTER_DEATHS = 2  # a new replica that dies this often fails its rollout
+DRAIN_WAIT = 30.0          # seconds a retiring replica may take to finish its requests
+STOP_TIMEOUT = 10.0
 
 
 def backoff(restarts: int) -> float:
     """Seconds to wait before restart number ``restarts + 1``."""
     return float(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, restarts)))
-
-
-def probe_ready(port: int, timeout: float = 1.0) -> bool:
-    """True when the server on ``port`` says it is ready (``GET /v2/health/ready`` -> 200)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", READY_PATH)
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
 
 
 def _started_seconds_ago(started_at: str | None) -> float | None:
@@ -95,6 +100,11 @@ def _started_seconds_ago(started_at: str | None) -> float | None:
     with contextlib.suppress(ValueError):
         return time.time() - datetime.fromisoformat(started_at).timestamp()
     return None
+
+
+def _group(revision: str) -> str:
+    """The endpoint's traffic group of a revision: a short, stable name."""
+    return revision.removeprefix("sha256:")[:12] or "default"
 
 
 @dataclass
@@ -110,13 +120,21 @@ class Reconciler:
 
     def __init__(self, store: Store, *, state_root: Path | None = None,
                  build_store: ImageStore | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 endpoints: Endpoints | None = None, endpoint_host: str = "127.0.0.1",
+                 workers: int = 4) -> None:
         self.store = store
         self.state_root = state_root
         self.images = build_store or ImageStore()
         self.log = log or (lambda _m: None)
+        self.endpoints = endpoints or Endpoints(
+            store, state_root / "endpoints" if state_root else None, host=endpoint_host)
+        self.liveness = Liveness()
         self._image_cache: dict[tuple[str, str], Image] = {}
         self._failing: dict[str, str] = {}  # object ref -> the failure last reported
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self._inflight: dict[str, Future[bool]] = {}
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.passes = 0
@@ -129,7 +147,7 @@ class Reconciler:
     # -- the loop ----------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Run the next pass now (an object was applied or deleted)."""
+        """Run the next pass now (an object was applied, deleted, promoted...)."""
         self._wake.set()
 
     def stop(self) -> None:
@@ -137,93 +155,268 @@ class Reconciler:
         self._wake.set()
 
     def run(self, period: float = 1.0) -> None:
-        """Pass after pass until :meth:`stop`; a pass that fails is logged and retried."""
-        while not self._stop.is_set():
-            self.reconcile_once()
-            self._wake.wait(period)
-            self._wake.clear()
+        """Dispatch passes until :meth:`stop`; then wait for those running and let go of endpoints."""
+        try:
+            while not self._stop.is_set():
+                self._dispatch()
+                self._wake.wait(period)
+                self._wake.clear()
+        finally:
+            self.close()
 
-    def reconcile_once(self) -> PassResult:
-        """One pass over every object (live or deleted); each object's failure stays its own."""
-        started = time.monotonic()
+    def close(self) -> None:
+        """Finish the passes under way; the replicas and endpoints keep running."""
+        self._pool.shutdown(wait=True)
+        self.endpoints.close()
+
+    def _dispatch(self) -> list[Future[bool]]:
+        """Start a pass for every object that has none running; return the started ones."""
         with self.store.tx(readonly=True) as tx:
             objects = tx.list_objects(SERVICE_KIND, include_deleted=True)
-        result = PassResult(objects=len(objects))
-        for obj in objects:
-            try:
-                self.reconcile_object(obj)
-                self._failing.pop(obj.ref, None)
-            except UniframeError as exc:
-                result.errors += 1
-                self.errors += 1
-                message = str(exc)[:2000]
-                if self._failing.get(obj.ref) == message:
-                    continue  # the same failure again: one event, not one per pass
-                self._failing[obj.ref] = message
-                self.log(f"{obj.ref}: {exc}")
-                with contextlib.suppress(UniframeError), self.store.tx() as tx:
-                    if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
-                        tx.add_event(obj.kind, obj.name, "ReconcileFailed", message,
-                                     type="Warning")
+        started: list[Future[bool]] = []
+        with self._lock:
+            for obj in objects:
+                running = self._inflight.get(obj.ref)
+                if running is not None and not running.done():
+                    continue
+                future = self._pool.submit(self._reconcile_guarded, obj)
+                self._inflight[obj.ref] = future
+                started.append(future)
         self.passes += 1
-        self.last_pass_seconds = time.monotonic() - started
-        return result
+        return started
+
+    def reconcile_once(self) -> PassResult:
+        """One complete pass over every object (live or deleted), waiting for all of them."""
+        with self._lock:
+            running = list(self._inflight.values())
+        wait_all(running)
+        futures = self._dispatch()
+        wait_all(futures)
+        return PassResult(objects=len(futures), errors=sum(not f.result() for f in futures))
+
+    def _reconcile_guarded(self, obj: ObjectRecord) -> bool:
+        """One object's pass; its failure is reported once as an event and stays its own."""
+        started = time.monotonic()
+        try:
+            self.reconcile_object(obj)
+            self._failing.pop(obj.ref, None)
+            return True
+        except UniframeError as exc:
+            self._report(obj, str(exc)[:2000])
+            return False
+        except Exception as exc:  # a bug must not kill the loop; it is reported like a failure
+            self._report(obj, f"internal error: {type(exc).__name__}: {exc}"[:2000])
+            return False
+        finally:
+            self.last_pass_seconds = time.monotonic() - started
+
+    def _report(self, obj: ObjectRecord, message: str) -> None:
+        self.errors += 1
+        if self._failing.get(obj.ref) == message:
+            return  # the same failure again: one event, not one per pass
+        self._failing[obj.ref] = message
+        self.log(f"{obj.ref}: {message}")
+        with contextlib.suppress(UniframeError), self.store.tx() as tx:
+            if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
+                tx.add_event(obj.kind, obj.name, "ReconcileFailed", message, type="Warning")
 
     # -- one object --------------------------------------------------------------------------
 
     def reconcile_object(self, obj: ObjectRecord) -> None:
-        with self.store.tx(readonly=True) as tx:
-            replicas = tx.list_replicas(obj.kind, obj.name)
         if obj.deleted:
-            for rec in replicas:
-                self._remove(obj, rec, "object deleted")
-            with self.store.tx() as tx:
-                current = tx.get_object(obj.kind, obj.name, include_deleted=True)
-                if current is not None and current.deleted and not tx.list_replicas(obj.kind, obj.name):
-                    tx.purge_object(obj.kind, obj.name)
+            self._delete(obj)
             return
         service = load_data(obj.spec, obj.ref).spec
         assert isinstance(service, InferenceService)
-        runtime = service.spec.runtime
-        driver_kind = RUNTIME_DRIVERS[runtime]
-        image = self._image(obj, service)
-        want = service.spec.replicas or 0
+        spec = service.spec
+        digest = revision_digest(obj.spec)
+        with self.store.tx() as tx:
+            tx.record_revision(obj.kind, obj.name, digest, obj.spec)
+            replicas = tx.list_replicas(obj.kind, obj.name)
+            rollout = self._track_rollout(tx, obj, spec, digest, replicas)
+        image = self._image(obj, service, digest)
+        driver_kind = RUNTIME_DRIVERS[spec.runtime]
 
-        keep: list[ReplicaRecord] = []
+        live: list[ReplicaRecord] = []
         for rec in replicas:
-            if rec.driver != driver_kind or rec.image_digest != image.digest:
-                self._remove(obj, rec, "spec changed")
-                continue
-            survivor = self._observe(obj, rec)
-            if survivor is not None:
-                keep.append(survivor)
-        for rec in keep[want:]:
-            self._remove(obj, rec, f"scaled down to {want}")
-        for _ in range(want - len(keep)):
-            self._create(obj, driver_kind, image)
+            if not rec.revision and rec.image_digest == image.digest and rec.driver == driver_kind:
+                with self.store.tx() as tx:  # recorded before revisions existed: adopt it
+                    rec = tx.update_replica(rec.id, revision=digest)
+            seen = self._observe(obj, spec, rec)
+            if seen is not None:
+                live.append(seen)
+        new = [r for r in live if r.revision == digest and r.image_digest == image.digest
+               and r.driver == driver_kind]
+        old = [r for r in live if r not in new]
 
-    def _image(self, obj: ObjectRecord, service: InferenceService) -> Image:
-        """The image built from this very spec, built now if none is stored."""
+        if rollout.state in (PROGRESSING, PAUSED, PROMOTED) and rollout.from_digest:
+            failure = self._failure(spec, new)
+            if failure is not None:
+                self._roll_back(obj, rollout, failure)
+                self._sync_endpoint(obj, spec, live, None)
+                return
+
+        want = spec.replicas or 0
+        canary_on = rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
+        percent = rollout.traffic_percent or 0
+        if not old:
+            step = planner.scale(want, new)
+        elif canary_on:
+            step = planner.canary(want, percent, new, old)
+        else:
+            rules = spec.rollout
+            step = planner.rolling(
+                want, planner.resolve(rules.max_surge, want, round_up=True),
+                planner.resolve(rules.max_unavailable, want, round_up=False), new, old)
+        weights = (planner.weights(percent, _group(digest),
+                                   sorted({_group(r.revision) for r in old}))
+                   if canary_on and old else None)
+
+        endpoint_error = self._sync_endpoint(obj, spec, live, weights)
+        for rec in step.remove:
+            self._retire(obj, rec, "scaled down" if rec in new else
+                         f"replaced by revision {_group(digest)}")
+        for _ in range(step.create):
+            self._create(obj, driver_kind, image, digest)
+        with self.store.tx(readonly=True) as tx:
+            replicas = tx.list_replicas(obj.kind, obj.name)
+        endpoint_error = self._sync_endpoint(obj, spec, replicas, weights) or endpoint_error
+        self._progress(obj, rollout, digest, want, replicas)
+        if endpoint_error is not None:
+            raise endpoint_error
+
+    def _delete(self, obj: ObjectRecord) -> None:
+        with self.store.tx(readonly=True) as tx:
+            replicas = tx.list_replicas(obj.kind, obj.name)
+        for rec in replicas:
+            self._retire(obj, rec, "object deleted")
+        self.endpoints.remove(obj.name)
+        with self.store.tx() as tx:
+            current = tx.get_object(obj.kind, obj.name, include_deleted=True)
+            if current is not None and current.deleted and not tx.list_replicas(obj.kind, obj.name):
+                tx.purge_object(obj.kind, obj.name)
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    def _track_rollout(self, tx: Tx, obj: ObjectRecord, spec: InferenceServiceSpec, digest: str,
+                       replicas: Sequence[ReplicaRecord]) -> RolloutRecord:
+        """The object's rollout towards ``digest``, started here if the spec's revision is new."""
+        rollout = tx.get_rollout(obj.kind, obj.name)
+        if rollout is not None and rollout.to_digest == digest:
+            return rollout
+        if rollout is not None and rollout.state == ROLLED_BACK and rollout.from_digest == digest:
+            return rollout  # the rollback is in effect: retire the failed replicas, nothing new
+        numbers = {r.digest: r.number for r in tx.list_revisions(obj.kind, obj.name)}
+        has_old = any(r.revision != digest for r in replicas)
+        if rollout is None:
+            start_from = ""
+        elif rollout.state == COMPLETE:
+            start_from = rollout.to_digest
+        else:
+            start_from = rollout.from_digest or rollout.to_digest
+        strategy = spec.rollout.strategy if has_old else "rolling"
+        percent = spec.rollout.canary.traffic_percent if (
+            strategy == "canary" and spec.rollout.canary is not None) else None
+        how = (f"canary taking {percent}% of requests" if percent is not None else
+               f"rolling, maxSurge {spec.rollout.max_surge}, "
+               f"maxUnavailable {spec.rollout.max_unavailable}")
+        target = numbers.get(digest)
+        message = (f"revision {target}: {how}" if has_old or start_from
+                   else f"revision {target}: first deployment")
+        rollout = tx.start_rollout(obj.kind, obj.name, strategy=strategy, from_digest=start_from,
+                                   to_digest=digest, state=PROGRESSING, traffic_percent=percent,
+                                   message=message)
+        tx.add_event(obj.kind, obj.name, "RolloutStarted",
+                     message + (f" (from revision {numbers[start_from]})"
+                                if start_from in numbers else ""))
+        return rollout
+
+    def _failure(self, spec: InferenceServiceSpec, new: Sequence[ReplicaRecord]) -> str | None:
+        """Why the rollout's new replicas count as failed, or None while they may still come up."""
+        deadline = spec.rollout.progress_deadline_seconds
+        now = time.time()
+        for r in new:
+            if r.state == CRASH_LOOP or (r.state == CRASHED and r.restarts + 1 >= ROLLBACK_AFTER_DEATHS):
+                return f"new replica {r.id} keeps dying ({r.last_error or 'no detail'})"
+            if r.state != READY and now - r.created_at > deadline:
+                return (f"new replica {r.id} was not ready within {deadline:g} s "
+                        "(rollout.progressDeadlineSeconds)")
+        return None
+
+    def _roll_back(self, obj: ObjectRecord, rollout: RolloutRecord, why: str) -> None:
+        with self.store.tx() as tx:
+            current = tx.get_object(obj.kind, obj.name)
+            if current is None or current.generation != obj.generation:
+                return  # the user changed the spec meanwhile; the next pass sees the new one
+            target = next((r for r in tx.list_revisions(obj.kind, obj.name)
+                           if r.digest == rollout.from_digest), None)
+            if target is None:
+                if rollout.state != FAILED:
+                    tx.update_rollout(obj.kind, obj.name, state=FAILED,
+                                      message=f"{why}; no earlier revision to roll back to")
+                    tx.add_event(obj.kind, obj.name, "RolloutFailed", why, type="Warning")
+                return
+            tx.apply_object(obj.kind, obj.name, with_revision(current.spec, target.spec))
+            tx.update_rollout(obj.kind, obj.name, state=ROLLED_BACK,
+                              message=f"{why}; rolled back to revision {target.number}")
+            tx.add_event(obj.kind, obj.name, "RolloutFailed", why, type="Warning")
+            tx.add_event(obj.kind, obj.name, "RolledBack",
+                         f"applied revision {target.number} again")
+        self.wake()
+
+    def _progress(self, obj: ObjectRecord, rollout: RolloutRecord, digest: str, want: int,
+                  replicas: Sequence[ReplicaRecord]) -> None:
+        """Move the rollout on (paused canary, complete) and keep its message current."""
+        if rollout.to_digest != digest or rollout.state not in (PROGRESSING, PROMOTED, PAUSED):
+            return
+        new = [r for r in replicas if r.revision == digest]
+        ready = sum(r.state == READY for r in new)
+        old = len(replicas) - len(new)
+        state, reason = rollout.state, ""
+        if old == 0 and len(new) == want and ready == want:
+            state, reason = COMPLETE, "RolloutComplete"
+            message = f"{ready} of {want} replicas ready"
+        elif rollout.strategy == "canary" and rollout.state == PROGRESSING and old and (
+                ready >= planner.canary_count(want, rollout.traffic_percent or 0)):
+            state, reason = PAUSED, "CanaryReady"
+            message = (f"canary ready: {ready} replica(s) take {rollout.traffic_percent}% of "
+                       f"requests; `uniframe rollout promote {obj.name}` or "
+                       f"`uniframe rollout undo {obj.name}`")
+        elif rollout.state == PAUSED:
+            return
+        else:
+            message = f"{ready} of {want} updated replicas ready, {old} old left"
+        if state == rollout.state and message == rollout.message:
+            return
+        with self.store.tx() as tx:
+            if tx.get_object(obj.kind, obj.name) is None:
+                return
+            tx.update_rollout(obj.kind, obj.name, state=state, message=message)
+            if reason:
+                tx.add_event(obj.kind, obj.name, reason, message)
+
+    # -- images and replicas -----------------------------------------------------------------
+
+    def _image(self, obj: ObjectRecord, service: InferenceService, digest: str) -> Image:
+        """The image built from this revision, built now if none is stored."""
         runtime = service.spec.runtime
-        source = build_digest(obj.spec)
-        key = (source, runtime)
+        key = (digest, runtime)
         cached = self._image_cache.get(key)
         if cached is not None and cached.dir.is_dir():
             return cached
         for image in self.images.list():
-            if (image.manifest.get("source_spec_digest") == source
+            if (image.manifest.get("source_spec_digest") == digest
                     and IMAGE_KIND_RUNTIMES.get(image.kind) == runtime):
                 self._image_cache[key] = image
                 return image
         self._event(obj, "Building", f"building the {runtime} image")
         began = time.monotonic()
-        image = build_image(service, source_digest=source, runtime=runtime,
-                            store=self.images)
+        image = build_image(service, source_digest=digest, runtime=runtime, store=self.images)
         self._event(obj, "Built", f"image {image.short} in {time.monotonic() - began:.1f} s")
         self._image_cache[key] = image
         return image
 
-    def _create(self, obj: ObjectRecord, driver_kind: str, image: Image) -> None:
+    def _create(self, obj: ObjectRecord, driver_kind: str, image: Image, revision: str) -> None:
         driver = self._driver(driver_kind)
         port = free_port()
         resources = image.manifest.get("resources", {})
@@ -235,7 +428,8 @@ class Reconciler:
         try:
             with self.store.tx() as tx:
                 tx.add_replica(replica.id, obj.kind, obj.name, driver=driver_kind,
-                               image_digest=image.digest, state=PENDING, host_port=port)
+                               image_digest=image.digest, state=PENDING, host_port=port,
+                               revision=revision)
                 tx.add_event(obj.kind, obj.name, "ReplicaCreated",
                              f"{replica.id} on port {port}", replica_id=replica.id)
         except BaseException:
@@ -261,7 +455,8 @@ class Reconciler:
             tx.add_event(obj.kind, obj.name, reason, f"replica {replica_id}",
                          replica_id=replica_id)
 
-    def _observe(self, obj: ObjectRecord, rec: ReplicaRecord) -> ReplicaRecord | None:
+    def _observe(self, obj: ObjectRecord, spec: InferenceServiceSpec,
+                 rec: ReplicaRecord) -> ReplicaRecord | None:
         """Bring one recorded replica's state up to date; None if it was cleaned away."""
         driver = self._driver(rec.driver)
         try:
@@ -275,20 +470,49 @@ class Reconciler:
                              replica_id=rec.id)
             return None
         if status.state is ReplicaState.RUNNING:
-            if rec.state == READY:
-                return rec
-            if rec.host_port is not None and probe_ready(rec.host_port):
-                with self.store.tx() as tx:
-                    rec = tx.update_replica(rec.id, state=READY, last_error="")
-                    tx.add_event(obj.kind, obj.name, "Ready",
-                                 f"{rec.id} answers on port {rec.host_port}", replica_id=rec.id)
-            return rec
+            return self._check_health(obj, spec, rec, driver)
         if status.state is ReplicaState.CREATED and rec.state == PENDING:
             # the daemon died between recording and starting it
             self._start(obj, rec.id, driver, "Started")
             return rec
         return self._crashed(obj, rec, driver, status.detail or status.state.value,
                              status.exit_status, _started_seconds_ago(started_at))
+
+    def _check_health(self, obj: ObjectRecord, spec: InferenceServiceSpec, rec: ReplicaRecord,
+                      driver: Driver) -> ReplicaRecord:
+        """Readiness until the replica is ready, then liveness every ``periodSeconds``."""
+        check = spec.health_check
+        if rec.host_port is None:
+            return rec
+        if rec.state != READY:
+            if probe(rec.host_port, check.path, check.timeout_seconds):
+                self.liveness.observe(rec.id, True, check.period_seconds)
+                with self.store.tx() as tx:
+                    rec = tx.update_replica(rec.id, state=READY, last_error="")
+                    tx.add_event(obj.kind, obj.name, "Ready",
+                                 f"{rec.id} answers on port {rec.host_port}", replica_id=rec.id)
+            return rec
+        if not self.liveness.due(rec.id):
+            return rec
+        assert rec.host_port is not None
+        failures = self.liveness.observe(
+            rec.id, probe(rec.host_port, check.path, check.timeout_seconds), check.period_seconds)
+        if failures < check.failure_threshold:
+            return rec
+        why = (f"{failures} health checks in a row failed (GET {check.path}, "
+               f"timeout {check.timeout_seconds:g} s)")
+        self.endpoints.drain(obj.name, rec.id, wait=0)
+        with contextlib.suppress(UniframeError):
+            driver.stop(rec.id, timeout=STOP_TIMEOUT)
+        self.liveness.forget(rec.id)
+        with self.store.tx() as tx:
+            rec = tx.update_replica(rec.id, state=STARTING, last_error=why,
+                                    restarts=rec.restarts + 1)
+            tx.add_event(obj.kind, obj.name, "LivenessFailed", f"{rec.id}: {why}; restarting",
+                         type="Warning", replica_id=rec.id)
+        self._start(obj, rec.id, driver, "Restarted")
+        with self.store.tx(readonly=True) as tx:
+            return tx.get_replica(rec.id) or rec
 
     def _crashed(self, obj: ObjectRecord, rec: ReplicaRecord, driver: Driver, detail: str,
                  exit_status: int | None, lived: float | None) -> ReplicaRecord:
@@ -313,21 +537,34 @@ class Reconciler:
             fresh = tx.get_replica(rec.id)
         return fresh or rec
 
-    def _remove(self, obj: ObjectRecord, rec: ReplicaRecord, why: str) -> None:
+    def _retire(self, obj: ObjectRecord, rec: ReplicaRecord, why: str) -> None:
+        """Take a replica out of the endpoint, let its requests finish, then stop and remove it."""
+        if rec.state == READY:
+            self.endpoints.drain(obj.name, rec.id, wait=DRAIN_WAIT)
         driver = self._driver(rec.driver)
         with contextlib.suppress(ReplicaNotFoundError):
-            driver.stop(rec.id, timeout=10)
+            driver.stop(rec.id, timeout=STOP_TIMEOUT)
             driver.remove(rec.id, force=True)
+        self.liveness.forget(rec.id)
         with self.store.tx() as tx:
             tx.remove_replica(rec.id)
             tx.add_event(obj.kind, obj.name, "ReplicaRemoved", f"{rec.id}: {why}",
                          replica_id=rec.id)
 
+    def _sync_endpoint(self, obj: ObjectRecord, spec: InferenceServiceSpec,
+                       replicas: Sequence[ReplicaRecord],
+                       weights: dict[str, int] | None) -> UniframeError | None:
+        """Tell the endpoint the replicas; a failure is returned, so replicas are still managed."""
+        backends = [Backend(r.id, "127.0.0.1", r.host_port, group=_group(r.revision),
+                            ready=r.state == READY)
+                    for r in replicas if r.host_port is not None]
+        try:
+            self.endpoints.sync(obj.name, spec.service_port, backends, weights)
+        except UniframeError as exc:
+            return exc
+        return None
+
     def _event(self, obj: ObjectRecord, reason: str, message: str) -> None:
         with self.store.tx() as tx:
-            _add_event(tx, obj, reason, message)
-
-
-def _add_event(tx: Tx, obj: ObjectRecord, reason: str, message: str) -> None:
-    if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
-        tx.add_event(obj.kind, obj.name, reason, message)
+            if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
+                tx.add_event(obj.kind, obj.name, reason, message)

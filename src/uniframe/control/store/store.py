@@ -476,12 +476,13 @@ class Tx:
         last_error: str | _Unset = UNSET,
         restarts: int | _Unset = UNSET,
         next_restart_at: float | _Unset | None = UNSET,
+        revision: str | _Unset = UNSET,
     ) -> ReplicaRecord:
         """Change the given fields (``None`` is a value here: it clears a port or a back-off)."""
         self._check_writable()
         changes = {"state": state, "desired": desired, "image_digest": image_digest,
                    "host_port": host_port, "last_error": last_error, "restarts": restarts,
-                   "next_restart_at": next_restart_at}
+                   "next_restart_at": next_restart_at, "revision": revision}
         given = {k: v for k, v in changes.items() if not isinstance(v, _Unset)}
         sets = ", ".join(f"{column} = ?" for column in given)
         sql = f"UPDATE replicas SET {sets}{', ' if sets else ''}updated_at = ? WHERE id = ?"
