@@ -155,6 +155,7 @@ def build_process(service: InferenceService, source_digest: str, store: ImageSto
         manifest: dict[str, Any] = {
             "schema": 1, "kind": "process", "name": service.metadata.name,
             "files": {"model": {"path": "model.onnx"}}, "args": args, "port": service.spec.port,
+            "env": dict(service.spec.env),
             "model": {"name": model.name, "version": model.version, "sha256": model.sha256,
                       "bytes": model.size, **model_signature(model)},
             "resources": {"cpus": service.spec.resources.cpus,

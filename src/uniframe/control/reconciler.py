@@ -231,9 +231,11 @@ class Reconciler:
         spec = service.spec
         digest = revision_digest(obj.spec)
         with self.store.tx() as tx:
+            earlier = {r.digest for r in tx.list_revisions(obj.kind, obj.name)[:-1]}
             tx.record_revision(obj.kind, obj.name, digest, obj.spec)
             replicas = tx.list_replicas(obj.kind, obj.name)
-            rollout = self._track_rollout(tx, obj, spec, digest, replicas)
+            rollout = self._track_rollout(tx, obj, spec, digest, replicas,
+                                          returning=digest in earlier)
         image = self._image(obj, service, digest)
         driver_kind = RUNTIME_DRIVERS[spec.runtime]
 
@@ -299,8 +301,13 @@ class Reconciler:
     # -- rollouts ----------------------------------------------------------------------------
 
     def _track_rollout(self, tx: Tx, obj: ObjectRecord, spec: InferenceServiceSpec, digest: str,
-                       replicas: Sequence[ReplicaRecord]) -> RolloutRecord:
-        """The object's rollout towards ``digest``, started here if the spec's revision is new."""
+                       replicas: Sequence[ReplicaRecord], *, returning: bool) -> RolloutRecord:
+        """The object's rollout towards ``digest``, started here if the spec's revision is new.
+
+        Going back to a revision that ran before (an undo) is a rolling update
+        even under a canary strategy: it is known to work, and whoever undoes
+        wants it back everywhere, not on a share of the traffic.
+        """
         rollout = tx.get_rollout(obj.kind, obj.name)
         if rollout is not None and rollout.to_digest == digest:
             return rollout
@@ -314,7 +321,7 @@ class Reconciler:
             start_from = rollout.to_digest
         else:
             start_from = rollout.from_digest or rollout.to_digest
-        strategy = spec.rollout.strategy if has_old else "rolling"
+        strategy = spec.rollout.strategy if has_old and not returning else "rolling"
         percent = spec.rollout.canary.traffic_percent if (
             strategy == "canary" and spec.rollout.canary is not None) else None
         how = (f"canary taking {percent}% of requests" if percent is not None else

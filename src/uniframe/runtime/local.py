@@ -91,6 +91,12 @@ class ProcessDriver(Driver):
         model = image.file("model")
         return [sys.executable, "-m", "uniframe.serve", str(model), *args, "--host", host]
 
+    def _image_env(self, replica: Replica) -> dict[str, str]:
+        """The spec's ``env``, as the build recorded it (the same variables every runtime gets)."""
+        assert replica.config.image.path is not None
+        env = load_image_dir(replica.config.image.path).manifest.get("env", {})
+        return {str(k): str(v) for k, v in env.items()}
+
     def start(self, ref: str) -> Replica:
         replica = self.get(ref)
         if self._alive(replica):
@@ -101,7 +107,8 @@ class ProcessDriver(Driver):
         log = replica.dir / LOG
         offset = log.stat().st_size if log.exists() else 0
         env = {**os.environ, "UNIFRAME_EXIT_FILE": str(replica.dir / EXIT), "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               **self._image_env(replica), **dict(replica.config.env)}
         with log.open("ab") as out:
             proc = subprocess.Popen(["sh", "-c", _SHIM, "uniframe-process", *argv], cwd=replica.dir,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
