@@ -47,7 +47,7 @@ ROW = json.dumps({"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
 class Daemon:
     root: Path
     env: dict[str, str]
-    store_path: Path
+    store_path: str  # a SQLite file or a postgresql:// URL
     service_port: int
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -56,7 +56,7 @@ class Daemon:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uniframe.cli.main", "daemon", "--listen",
-             f"127.0.0.1:{self.port}", "--store", str(self.store_path), "--period", "0.3"],
+             f"127.0.0.1:{self.port}", "--store", self.store_path, "--period", "0.3"],
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=(self.root / "daemon.log").open("ab"))
         until("the daemon answers", lambda: self.get("/openapi.json") is not None, 30)
@@ -166,12 +166,13 @@ class Load:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_target: str) -> Iterator[Daemon]:
+    """A daemon on a SQLite file or on a real PostgreSQL (``store_target`` runs both)."""
     env = {**os.environ, "UNIFRAME_DATA": str(tmp_path / "data"),
            "UNIFRAME_STATE": str(tmp_path / "state")}
     for key in ("UNIFRAME_DATA", "UNIFRAME_STATE"):
         monkeypatch.setenv(key, env[key])
-    d = Daemon(tmp_path, env, tmp_path / "state.db", free_port())
+    d = Daemon(tmp_path, env, store_target, free_port())
     store = Store.open(d.store_path)
     model = write_iris(tmp_path / "model")
     registry = Registry(store)
