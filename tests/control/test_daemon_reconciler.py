@@ -6,9 +6,11 @@ what the reconciler wrote in the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ import pytest
 from uniframe.build.examples import write_iris
 from uniframe.build.store import ImageStore
 from uniframe.control.reconciler import READY, Reconciler, backoff
-from uniframe.control.store import ReplicaRecord, Store
+from uniframe.control.store import ObjectRecord, ReplicaRecord, Store
 from uniframe.runtime.driver import driver_for
 from uniframe.spec import load_data
 
@@ -142,3 +144,80 @@ def test_replicas_start_answer_restart_scale_and_go(
     with store.tx(readonly=True) as tx:
         assert tx.list_replicas() == []
         assert tx.get_object("InferenceService", "iris", include_deleted=True) is None
+
+
+def test_a_hung_replica_fails_its_liveness_checks_and_is_restarted(
+        setup: tuple[Store, Reconciler, Path], tmp_path: Path) -> None:
+    store, rec, model = setup
+    doc = iris_doc(model, 1)
+    doc["spec"]["healthCheck"] = {"periodSeconds": 0.5, "timeoutSeconds": 0.5,  # type: ignore[index]
+                                  "failureThreshold": 2}
+    spec = load_data(doc).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", spec)
+    (replica,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
+    driver = driver_for("process", tmp_path / "st" / "replicas")
+    pid = driver.get(replica.id).pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGSTOP)  # alive to the driver, deaf to HTTP
+    try:
+        (after,) = until(rec, store, lambda rs: rs[0].restarts == 1 and rs[0].state == READY)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
+    assert driver.get(replica.id).pid != pid
+    assert after.host_port is not None and "outputs" in infer(after.host_port)
+    with store.tx(readonly=True) as tx:
+        events = tx.events(replica_id=replica.id)
+    failed = [e for e in events if e.reason == "LivenessFailed"]
+    assert len(failed) == 1 and "2 health checks in a row failed" in failed[0].message
+
+
+def test_objects_are_reconciled_in_parallel_and_each_serially(
+        setup: tuple[Store, Reconciler, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow object (an image build) does not hold up another; one object never runs twice at once."""
+    store, rec, _ = setup
+    running: dict[str, int] = {}
+    overlap: list[str] = []
+    finished: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def fake(obj: ObjectRecord) -> None:
+        with lock:
+            running[obj.name] = running.get(obj.name, 0) + 1
+            if running[obj.name] > 1:
+                overlap.append(obj.name)
+        time.sleep(1.5 if obj.name == "slow" else 0.05)
+        with lock:
+            running[obj.name] -= 1
+            finished.append((obj.name, time.monotonic()))
+
+    monkeypatch.setattr(rec, "reconcile_object", fake)
+    with store.tx() as tx:
+        for name in ("slow", "quick"):
+            tx.apply_object("InferenceService", name, {"kind": "InferenceService",
+                                                       "metadata": {"name": name}, "spec": {}})
+    began = time.monotonic()
+    loop = threading.Thread(target=rec.run, args=(0.05,))
+    loop.start()
+    try:
+        until_true(lambda: sum(n == "quick" for n, _ in finished) >= 5, 10)
+        quick_done = [t for n, t in finished if n == "quick"][4]
+        assert quick_done - began < 1.4  # five passes of "quick" while "slow" still ran its first
+        until_true(lambda: sum(n == "slow" for n, _ in finished) >= 2, 10)
+    finally:
+        rec.stop()
+        loop.join(10)
+    assert overlap == []
+    with store.tx() as tx:
+        tx.delete_object("InferenceService", "slow")
+        tx.delete_object("InferenceService", "quick")
+        tx.purge_object("InferenceService", "slow")
+        tx.purge_object("InferenceService", "quick")
+
+
+def until_true(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time limit"
+        time.sleep(0.02)

@@ -87,6 +87,7 @@ QUICK_FAILURE = 30.0
 ROLLBACK_AFTER_DEATHS = 2  # a new replica that dies this often fails its rollout
 DRAIN_WAIT = 30.0          # seconds a retiring replica may take to finish its requests
 STOP_TIMEOUT = 10.0
+HUNG_STOP_TIMEOUT = 2.0    # a replica failing its health checks gets less time to stop
 
 
 def backoff(restarts: int) -> float:
@@ -510,7 +511,7 @@ class Reconciler:
                f"timeout {check.timeout_seconds:g} s)")
         self.endpoints.drain(obj.name, rec.id, wait=0)
         with contextlib.suppress(UniframeError):
-            driver.stop(rec.id, timeout=STOP_TIMEOUT)
+            driver.stop(rec.id, timeout=HUNG_STOP_TIMEOUT)
         self.liveness.forget(rec.id)
         with self.store.tx() as tx:
             rec = tx.update_replica(rec.id, state=STARTING, last_error=why,
