@@ -48,7 +48,7 @@ from uniframe.control import planner
 from uniframe.control.endpoints import Endpoints
 from uniframe.control.health import Liveness, probe
 from uniframe.control.proxy import Backend
-from uniframe.control.rollouts import revision_digest, with_revision
+from uniframe.control.rollouts import revision_digest, wanted_replicas, with_revision
 from uniframe.control.states import (
     COMPLETE,
     CRASH_LOOP,
@@ -259,7 +259,7 @@ class Reconciler:
                 self._sync_endpoint(obj, spec, live, None)
                 return
 
-        want = spec.replicas or 0
+        want = wanted_replicas(obj.spec)
         canary_on = rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
         percent = rollout.traffic_percent or 0
         if not old:

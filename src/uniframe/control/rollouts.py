@@ -29,6 +29,16 @@ def revision_digest(spec: dict[str, Any]) -> str:
                         "spec": body})
 
 
+def wanted_replicas(spec: dict[str, Any]) -> int:
+    """Replicas to run: the fixed count, or autoscaling's floor (at least one, until the
+    autoscaler that scales on load and wakes a sleeping service exists)."""
+    body = spec.get("spec", {})
+    if body.get("replicas") is not None:
+        return int(body["replicas"])
+    autoscaling = body.get("autoscaling")
+    return max(1, int(autoscaling.get("min", 0))) if isinstance(autoscaling, dict) else 1
+
+
 def with_revision(current: dict[str, Any], revision: dict[str, Any]) -> dict[str, Any]:
     """``revision``'s replica-making fields under ``current``'s scaling, rollout and health settings."""
     body = {k: v for k, v in revision.get("spec", {}).items() if k not in NOT_IN_REVISION}
@@ -82,7 +92,7 @@ def read_status(tx: Tx, obj: ObjectRecord) -> RolloutStatus:
     numbers = _numbers(tx.list_revisions(obj.kind, obj.name))
     replicas = tx.list_replicas(obj.kind, obj.name)
     rollout = tx.get_rollout(obj.kind, obj.name)
-    desired = int(obj.spec.get("spec", {}).get("replicas") or 0)
+    desired = wanted_replicas(obj.spec)
     target = rollout.to_digest if rollout is not None else revision_digest(obj.spec)
     updated = [r for r in replicas if r.revision == target]
     return RolloutStatus(
