@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_helpers import kill_strays
 
 from uniframe.build.examples import write_iris
 from uniframe.runtime.verify import free_port
@@ -144,9 +145,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
             if e.proc.poll() is None:
                 e.proc.kill()
                 e.proc.wait()
-        for pid in servers(e):  # only what this test's daemon started, under tmp_path
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_strays(tmp_path)  # only what this test's daemon started: servers, proxies
 
 
 def spec(model: Path, replicas: int) -> bytes:
@@ -179,8 +178,10 @@ def test_apply_restart_readopt_delete(env: Env) -> None:
     start_daemon(env)
     status, body = call(env, "POST", "/v1/apply", spec(env.model, 2))
     assert status == 200, body
-    assert body["applied"] == [{"kind": "InferenceService", "name": "iris", "generation": 1,
-                                "changed": True}]
+    assert [{k: a[k] for k in ("kind", "name", "generation", "changed", "action")}
+            for a in body["applied"]] == [{"kind": "InferenceService", "name": "iris",
+                                           "generation": 1, "changed": True,
+                                           "action": "created"}]
 
     def two_ready() -> list[dict[str, Any]] | None:
         ready = [r for r in replicas(env) if r["state"] == "ready"]

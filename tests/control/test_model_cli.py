@@ -1,7 +1,8 @@
 """``uniframe model`` as users run it, and ``uniframe build`` of a spec that pins ``iris@1``.
 
 The commands run as the real console script (a fresh process each, like a
-user's shell) against both store backends, chosen by ``UNIFRAME_STORE``.
+user's shell) and talk to a real daemon over HTTP, which keeps the registry
+on each store backend in turn.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from control_helpers import running_daemon
 
 from uniframe.build.examples import write_iris
 from uniframe.build.images import build_image
 from uniframe.build.store import ImageStore
-from uniframe.control.store import Store
 from uniframe.errors import BuildError
 from uniframe.spec import InferenceService, load_file
 
@@ -29,12 +31,16 @@ def iris_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def env(store_target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """This test's own data, state and store, for this process and the commands it runs."""
+def env(store_target: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """This test's own data, state, store and daemon, for this process and the commands it runs."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("UNIFRAME_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
     monkeypatch.setenv("UNIFRAME_STORE", store_target)
-    return os.environ.copy()
+    with running_daemon(store_target, tmp_path) as live:
+        monkeypatch.setenv("UNIFRAME_DAEMON", live.url)
+        yield os.environ.copy()
 
 
 def uniframe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +49,7 @@ def uniframe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
                           stdin=subprocess.DEVNULL)
 
 
-def test_push_ls_inspect_rm(env: dict[str, str], iris_file: Path, store_target: str) -> None:
+def test_push_ls_inspect_rm(env: dict[str, str], iris_file: Path, tmp_path: Path) -> None:
     first = uniframe(env, "model", "push", str(iris_file), "--name", "iris", "--meta", "team=ml")
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("pushed iris@1  (onnx, ")
@@ -51,36 +57,38 @@ def test_push_ls_inspect_rm(env: dict[str, str], iris_file: Path, store_target: 
     assert "iris@1 already holds these bytes" in again.stdout and again.returncode == 0
     labelled = uniframe(env, "model", "push", str(iris_file), "--name", "iris",
                         "--version", "prod", "-o", "json")
-    assert json.loads(labelled.stdout)["version"] == "prod"
+    assert json.loads(labelled.stdout)["model"]["version"] == "prod"
 
     table = uniframe(env, "model", "ls")
     assert table.returncode == 0
     rows = [line.split() for line in table.stdout.splitlines()]
     assert rows[0][:4] == ["NAME", "VERSION", "FORMAT", "SIZE"]
     assert [r[:3] for r in rows[1:]] == [["iris", "1", "onnx"], ["iris", "prod", "onnx"]]
-    listed = json.loads(uniframe(env, "model", "ls", "-o", "json").stdout)
+    listed = json.loads(uniframe(env, "model", "ls", "-o", "json").stdout)["models"]
     assert [(m["name"], m["version"], m["metadata"]) for m in listed] == \
         [("iris", "1", {"team": "ml"}), ("iris", "prod", {})]
-    assert yaml.safe_load(uniframe(env, "model", "ls", "iris", "-o", "yaml").stdout) == listed
+    assert yaml.safe_load(uniframe(env, "model", "ls", "iris", "-o", "yaml").stdout) == {
+        "models": listed}
 
     shown = yaml.safe_load(uniframe(env, "model", "inspect", "iris@1").stdout)
     assert shown["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}]
     assert Path(shown["path"]).read_bytes() == iris_file.read_bytes()
     assert shown["used_by"] == []
 
-    with Store.open(store_target) as store, store.tx() as tx:
-        tx.create_object("InferenceService", "iris", {"spec": {"model": "iris@1"}})
+    spec = _spec(tmp_path, "iris@1")
+    applied = uniframe(env, "apply", "-f", str(spec))
+    assert applied.returncode == 0, applied.stderr
     refused = uniframe(env, "model", "rm", "iris@1")
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
-        "error: model iris@1 is in use by InferenceService/iris; change those specs to another "
+        "error: model iris@1 is in use by InferenceService/flowers; change those specs to another "
         "model version or delete them, then remove it")
     assert json.loads(uniframe(env, "model", "inspect", "iris@1", "-o", "json").stdout)[
-        "used_by"] == ["InferenceService/iris"]
+        "used_by"] == ["InferenceService/flowers"]
     removed = uniframe(env, "model", "rm", "iris@prod")
     assert (removed.returncode, removed.stdout.strip()) == (0, "removed iris@prod")
-    assert [m["version"] for m in json.loads(uniframe(env, "model", "ls", "-o", "json").stdout)] \
-        == ["1"]
+    models = json.loads(uniframe(env, "model", "ls", "-o", "json").stdout)["models"]
+    assert [m["version"] for m in models] == ["1"]
 
 
 def test_mistakes_get_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:

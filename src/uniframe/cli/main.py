@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 # Each import registers its commands on ``app``.
-from uniframe.cli import build, daemon, examples, infer, kernel, model, run, serve, validate  # noqa: F401
+from uniframe.cli import (  # noqa: F401
+    apply,
+    build,
+    daemon,
+    examples,
+    get,
+    infer,
+    kernel,
+    logs,
+    model,
+    rollout,
+    run,
+    serve,
+    validate,
+)
 from uniframe.cli.app import run as run_app
 
 

@@ -1,38 +1,29 @@
-"""``uniframe model push|ls|inspect|rm``: the model registry from the command line.
+"""``uniframe model push|ls|inspect|rm``: the model registry, through the daemon's API.
 
-The commands work on the local state store (``$UNIFRAME_STORE``, else
-``<data>/state.db``) through :class:`~uniframe.control.registry.Registry`;
-they only parse arguments and render, so the daemon's API can take the
-registry's place behind them without changing what users type or see.
+The daemon owns the registry (its store and its files); these commands parse
+arguments, send the request and render the answer, so a version pushed from
+one shell is what every other client and the reconciler see.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
-from rich.table import Table
 
+from uniframe.build.modelstore import SKLEARN_SUFFIXES, parse_ref
 from uniframe.cli.app import app, console, fail
+from uniframe.cli.output import OUTPUT_OPTION, age, check_output, print_data, print_table
+from uniframe.cli.remote import DAEMON_OPTION, connect
 
 model_app = typer.Typer(help="Push, list, inspect and remove models in the model registry.",
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-OUTPUTS = ("table", "json", "yaml")
 
-
-def _check_output(output: str, allowed: tuple[str, ...] = OUTPUTS) -> None:
-    if output not in allowed:
-        raise fail(f"-o {output!r}: use one of {', '.join(allowed)}")
-
-
-def _metadata(pairs: list[str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
+def _metadata(pairs: list[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
@@ -41,102 +32,88 @@ def _metadata(pairs: list[str]) -> dict[str, Any]:
     return meta
 
 
-def _tensors(tensors: list[dict[str, Any]]) -> str:
+def tensors(tensors: list[dict[str, Any]]) -> str:
     return ", ".join(f"{t['name']} {t['datatype']}[{','.join(str(d) for d in t['shape'])}]"
                      for t in tensors)
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _print(data: Any, output: str) -> None:
-    if output == "json":
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+def print_models(models: list[dict[str, Any]], name: str | None = None) -> None:
+    if not models:
+        console.print("no models" + (f" named {name}" if name else "")
+                      + "; push one with `uniframe model push FILE --name NAME`", markup=False)
+        return
+    print_table(("NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "INPUTS", "AGE"),
+                [(m["name"], m["version"], m["format"], f"{m['size']:,}", m["sha256"][:12],
+                  tensors(m["inputs"]), age(m["created_at"])) for m in models],
+                wrap=("INPUTS",))
 
 
 @model_app.command("push")
 def push(
     file: Path = typer.Argument(..., help="an .onnx file, or a scikit-learn .pkl/.joblib "
-                                          "(converted to ONNX now)"),
+                                          "(converted to ONNX by the daemon)"),
     name: str = typer.Option(..., "--name", help="the model's name, e.g. iris"),
     version: str = typer.Option(None, "--version",
                                 help="a number or a label (default: the next number)"),
     meta: list[str] = typer.Option([], "--meta", help="KEY=VALUE to record, repeatable"),
-    output: str = typer.Option("table", "-o", "--output", help="table, json or yaml"),
+    output: str = OUTPUT_OPTION,
+    daemon: str = DAEMON_OPTION,
 ) -> None:
     """Store a model as a new version (identical bytes return the version that has them)."""
-    from uniframe.control.registry import Registry
-
-    _check_output(output)
+    check_output(output)
     metadata = _metadata(meta)
-    with Registry.open() as registry:
-        pushed = registry.push(file, name, version=version, metadata=metadata)
-    model = pushed.model
+    if not file.is_file():
+        raise fail(f"{file}: no such model file")
+    fmt = "sklearn" if file.suffix.lower() in SKLEARN_SUFFIXES else "onnx"
+    with connect(daemon) as client:
+        pushed = client.push_model(file, name, version=version, format=fmt, metadata=metadata)
+    model = pushed["model"]
     if output != "table":
-        _print({**model.to_json(), "created": pushed.created}, output)
-    elif pushed.created:
-        console.print(f"pushed {model.ref}  ({model.format}, {model.size} bytes, "
-                      f"sha256 {model.sha256[:12]})")
+        print_data(pushed, output)
+    elif pushed["created"]:
+        console.print(f"pushed {model['name']}@{model['version']}  ({model['format']}, "
+                      f"{model['size']} bytes, sha256 {model['sha256'][:12]})", markup=False)
     else:
-        console.print(f"{model.ref} already holds these bytes (sha256 {model.sha256[:12]}); "
-                      "nothing pushed")
+        console.print(f"{model['name']}@{model['version']} already holds these bytes "
+                      f"(sha256 {model['sha256'][:12]}); nothing pushed", markup=False)
 
 
 @model_app.command("ls")
 def ls(
     name: str = typer.Argument(None, help="only this model's versions"),
-    output: str = typer.Option("table", "-o", "--output", help="table, json or yaml"),
+    output: str = OUTPUT_OPTION,
+    daemon: str = DAEMON_OPTION,
 ) -> None:
     """List model versions."""
-    from uniframe.control.registry import Registry
-
-    _check_output(output)
-    with Registry.open() as registry:
-        models = registry.list(name)
+    check_output(output)
+    with connect(daemon) as client:
+        models = client.models(name)
     if output != "table":
-        _print([m.to_json() for m in models], output)
-        return
-    if not models:
-        console.print("no models" + (f" named {name}" if name else "")
-                      + "; push one with `uniframe model push FILE --name NAME`")
-        return
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "INPUTS", "PUSHED"):
-        table.add_column(col, no_wrap=col != "INPUTS")
-    for m in models:
-        table.add_row(m.name, m.version, m.format, f"{m.size:,}", m.sha256[:12],
-                      _tensors(m.inputs), _when(m.created_at))
-    console.print(table)
+        print_data({"models": models}, output)
+    else:
+        print_models(models, name)
 
 
 @model_app.command("inspect")
 def inspect(
     ref: str = typer.Argument(..., help="NAME@VERSION, e.g. iris@1"),
     output: str = typer.Option("yaml", "-o", "--output", help="yaml or json"),
+    daemon: str = DAEMON_OPTION,
 ) -> None:
     """Show everything the registry knows about one version, and what uses it."""
-    from uniframe.build.modelstore import parse_ref
-    from uniframe.control.registry import Registry
-
-    _check_output(output, ("yaml", "json"))
+    check_output(output, ("yaml", "json"))
     name, version = parse_ref(ref)
-    with Registry.open() as registry:
-        model = registry.inspect(name, version)
-        data = {**model.to_json(), "path": str(registry.resolve(model.ref)),
-                "used_by": registry.users(name, version)}
-    _print(data, output)
+    with connect(daemon) as client:
+        print_data(client.model(name, version), output)
 
 
 @model_app.command("rm")
-def rm(ref: str = typer.Argument(..., help="NAME@VERSION, e.g. iris@1")) -> None:
+def rm(
+    ref: str = typer.Argument(..., help="NAME@VERSION, e.g. iris@1"),
+    daemon: str = DAEMON_OPTION,
+) -> None:
     """Remove a version; refused while an applied spec uses it."""
-    from uniframe.build.modelstore import parse_ref
-    from uniframe.control.registry import Registry
-
     name, version = parse_ref(ref)
-    with Registry.open() as registry:
-        model = registry.remove(name, version)
-    console.print(f"removed {model.ref}")
+    with connect(daemon) as client:
+        removed = client.remove_model(name, version)["removed"]
+    console.print(f"removed {removed['name']}@{removed['version']}", markup=False)

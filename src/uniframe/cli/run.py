@@ -1,11 +1,11 @@
-"""``uniframe run | ps | logs | stop | rm``: unikernel images as local microVMs.
+"""``uniframe run | ps | stop | rm``: images as local replicas, without the daemon.
 
-The commands are thin: each builds a :class:`QemuMicroVMDriver`, which finds
-every replica from its directory on disk, so ``run -d`` in one shell and
-``ps``/``stop`` in another see the same replicas. ``run`` without ``-d`` is
-foreground: it streams the guest console until the guest exits and turns
-Ctrl-C (or SIGTERM) into a graceful stop, and it exits with the guest's own
-exit status.
+The commands are thin: each finds every replica from its directory on disk,
+so ``run -d`` in one shell and ``ps``/``stop`` in another see the same
+replicas (``uniframe logs`` reads them too when the daemon does not know
+them). ``run`` without ``-d`` is foreground: it streams the guest console
+until the guest exits and turns Ctrl-C (or SIGTERM) into a graceful stop, and
+it exits with the guest's own exit status.
 """
 
 from __future__ import annotations
@@ -197,22 +197,6 @@ def ps(
 def _image_label(replica: Replica) -> str:
     ref = replica.config.image.ref
     return Path(ref).name if "/" in ref else ref
-
-
-@app.command()
-def logs(
-    replica: str = typer.Argument(..., help="replica id (or unique prefix) or name"),
-    follow: bool = typer.Option(False, "-f", "--follow", help="keep printing until the replica stops"),
-) -> None:
-    """Print a replica's console log (VMs) or output (containers, processes)."""
-    driver, _found = find(replica)
-    out = sys.stdout.buffer
-    try:
-        for chunk in driver.logs(replica, follow=follow):
-            out.write(chunk)
-            out.flush()
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()

@@ -1,235 +1,59 @@
-"""The daemon: a JSON HTTP API over the state store, and the reconciler in a background thread.
+"""The daemon: the API over HTTP, and the reconciler in a background thread.
 
-The API only reads and writes the store; everything that starts or stops a
-replica happens in the reconciler, so a request never waits on a build or a
-boot, and the daemon can be killed at any moment without losing what was
-applied. The standard library's threading HTTP server is enough for a
-control API (a handful of requests per second); the data path is the
-per-service proxy, never this process.
-
-Routes (see :data:`OPENAPI` for the same in OpenAPI 3)::
-
-    POST   /v1/apply                    body: spec documents, YAML or JSON
-    GET    /v1/objects                  every live object
-    GET    /v1/objects/{kind}/{name}
-    DELETE /v1/objects/{kind}/{name}
-    GET    /v1/replicas
-    GET    /v1/events?after=ID&limit=N
-    GET    /openapi.json
-    GET    /metrics                     Prometheus text exposition
+This module only frames: it matches a request against the route table
+(:mod:`uniframe.control.api_routes`), reads the body a route wants, and
+writes the reply as JSON, text or a chunked stream; every error becomes a
+JSON ``{"error": ...}`` with its status. The standard library's threading
+HTTP server is enough for a control API (a handful of requests per second,
+one thread per followed log); the data path is the per-service proxy, never
+this process. The daemon can be killed at any moment without losing what
+was applied: the store has it, and the replicas run in their own sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import select
+import socket
+import sys
+import tempfile
 import threading
-from dataclasses import asdict
+import traceback
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from uniframe.control.reconciler import SERVICE_KIND, Reconciler
-from uniframe.control.registry import Registry, model_ref_of
-from uniframe.control.store import ObjectRecord, Store
-from uniframe.errors import ConflictError, NotFoundError, UniframeError
-from uniframe.spec.loader import check_text
+from uniframe.control.api import Api, ApiError
+from uniframe.control.api_routes import Reply, Request, Route, find_route
+from uniframe.control.openapi import OPENAPI
+from uniframe.control.reconciler import Reconciler
+from uniframe.control.store import Store
+from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
+
+__all__ = ["MAX_BODY", "MAX_UPLOAD", "OPENAPI", "Api", "Daemon"]
 
 MAX_BODY = 4 << 20
-RUN_KINDS = (SERVICE_KIND,)
+"""Spec documents are small; anything bigger is a mistake (a model sent to /v1/apply)."""
+MAX_UPLOAD = 8 << 30
+"""Model files are streamed to disk, never held in memory; this only stops a runaway client."""
+
+_STATUS_OF: tuple[tuple[type[UniframeError], HTTPStatus], ...] = (
+    (NotFoundError, HTTPStatus.NOT_FOUND),
+    (ConflictError, HTTPStatus.CONFLICT),
+    (SpecError, HTTPStatus.UNPROCESSABLE_ENTITY),
+    (ModelError, HTTPStatus.UNPROCESSABLE_ENTITY),
+)
 
 
-class ApiError(Exception):
-    """An answer other than 200, with a JSON body."""
-
-    def __init__(self, status: HTTPStatus, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": message, **extra}
-
-
-def _object_json(obj: ObjectRecord) -> dict[str, Any]:
-    return {"kind": obj.kind, "name": obj.name, "generation": obj.generation,
-            "digest": obj.digest, "created_at": obj.created_at, "updated_at": obj.updated_at,
-            "deleted": obj.deleted, "spec": obj.spec}
-
-
-class Api:
-    """The routes, as plain methods over the store (the HTTP handler only frames them)."""
-
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
-        self.store = store
-        self.reconciler = reconciler
-
-    def apply(self, text: str) -> dict[str, Any]:
-        report = check_text(text, "<request>")
-        errors = [{"document": p.index, "path": p.path, "message": p.message,
-                   "line": p.line} for p in report.problems]
-        errors += [{"document": d.index, "path": "kind",
-                    "message": f"the daemon runs only {', '.join(RUN_KINDS)} so far"}
-                   for d in report.documents if d.kind not in RUN_KINDS]
-        if errors:
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, "the spec is not valid",
-                           errors=errors)
-        applied = []
-        with self.store.tx() as tx:
-            for doc in report.documents:
-                spec = doc.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-                pinned = model_ref_of(spec)
-                if pinned is not None:
-                    try:
-                        Registry(self.store).require(tx, *pinned)
-                    except NotFoundError as exc:
-                        raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc), errors=[
-                            {"document": doc.index, "path": "spec.model", "message": str(exc)}]
-                        ) from None
-                obj, changed = tx.apply_object(doc.kind, doc.name, spec)
-                applied.append({"kind": obj.kind, "name": obj.name,
-                                "generation": obj.generation, "changed": changed})
-        self.reconciler.wake()
-        return {"applied": applied}
-
-    def objects(self) -> dict[str, Any]:
-        with self.store.tx(readonly=True) as tx:
-            return {"objects": [_object_json(o) for o in tx.list_objects()]}
-
-    def object(self, kind: str, name: str) -> dict[str, Any]:
-        with self.store.tx(readonly=True) as tx:
-            obj = tx.get_object(kind, name)
-            if obj is None:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"{kind}/{name} does not exist")
-            out = _object_json(obj)
-            out["replicas"] = [asdict(r) for r in tx.list_replicas(kind, name)]
-            return out
-
-    def delete(self, kind: str, name: str) -> dict[str, Any]:
-        with self.store.tx() as tx:
-            obj = tx.delete_object(kind, name)
-        self.reconciler.wake()
-        return {"deleted": {"kind": obj.kind, "name": obj.name, "generation": obj.generation}}
-
-    def replicas(self) -> dict[str, Any]:
-        with self.store.tx(readonly=True) as tx:
-            return {"replicas": [asdict(r) for r in tx.list_replicas()]}
-
-    def events(self, after: int, limit: int | None) -> dict[str, Any]:
-        with self.store.tx(readonly=True) as tx:
-            return {"events": [asdict(e) for e in tx.events(after_id=after, limit=limit)]}
-
-    def metrics(self) -> str:
-        with self.store.tx(readonly=True) as tx:
-            objects = tx.list_objects()
-            replicas = tx.list_replicas()
-        states: dict[str, int] = {}
-        for r in replicas:
-            states[r.state] = states.get(r.state, 0) + 1
-        rec = self.reconciler
-        lines = [
-            "# HELP uniframe_objects Live applied objects.",
-            "# TYPE uniframe_objects gauge",
-            f"uniframe_objects {len(objects)}",
-            "# HELP uniframe_replicas Replicas recorded in the store, by state.",
-            "# TYPE uniframe_replicas gauge",
-            *(f'uniframe_replicas{{state="{s}"}} {n}' for s, n in sorted(states.items())),
-            "# HELP uniframe_replica_restarts Restarts of the replicas that exist now.",
-            "# TYPE uniframe_replica_restarts gauge",
-            f"uniframe_replica_restarts {sum(r.restarts for r in replicas)}",
-            "# HELP uniframe_reconcile_passes_total Reconcile passes since the daemon started.",
-            "# TYPE uniframe_reconcile_passes_total counter",
-            f"uniframe_reconcile_passes_total {rec.passes}",
-            "# HELP uniframe_reconcile_errors_total Objects whose reconcile failed.",
-            "# TYPE uniframe_reconcile_errors_total counter",
-            f"uniframe_reconcile_errors_total {rec.errors}",
-            "# HELP uniframe_reconcile_last_pass_seconds Duration of the last pass.",
-            "# TYPE uniframe_reconcile_last_pass_seconds gauge",
-            f"uniframe_reconcile_last_pass_seconds {rec.last_pass_seconds:.6f}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _json_response(description: str, schema: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
-
-
-_ERROR = _json_response("an error; `errors` lists spec problems by field path", "Error")
-_KIND_NAME = [{"name": "kind", "in": "path", "required": True, "schema": {"type": "string"}},
-              {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "uniframe daemon", "version": "1"},
-    "paths": {
-        "/v1/apply": {"post": {
-            "summary": "Create or update objects from spec documents (YAML or JSON)",
-            "requestBody": {"required": True, "content": {
-                "application/yaml": {"schema": {"type": "string"}},
-                "application/json": {"schema": {"type": "object"}}}},
-            "responses": {"200": _json_response("what was applied", "Applied"),
-                          "422": _ERROR}}},
-        "/v1/objects": {"get": {"summary": "Every live object",
-                                "responses": {"200": _json_response("objects", "Objects")}}},
-        "/v1/objects/{kind}/{name}": {
-            "get": {"summary": "One object and its replicas", "parameters": _KIND_NAME,
-                    "responses": {"200": _json_response("the object", "Object"),
-                                  "404": _ERROR}},
-            "delete": {"summary": "Delete an object; its replicas are stopped and removed",
-                       "parameters": _KIND_NAME,
-                       "responses": {"200": _json_response("deleted", "Deleted"),
-                                     "404": _ERROR}}},
-        "/v1/replicas": {"get": {"summary": "Every replica the control plane runs",
-                                 "responses": {"200": _json_response("replicas", "Replicas")}}},
-        "/v1/events": {"get": {
-            "summary": "Events, oldest first",
-            "parameters": [
-                {"name": "after", "in": "query", "schema": {"type": "integer", "default": 0}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
-            "responses": {"200": _json_response("events", "Events")}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-            "description": "text exposition", "content": {"text/plain": {}}}}}},
-        "/openapi.json": {"get": {"summary": "This document",
-                                  "responses": {"200": {"description": "OpenAPI 3"}}}},
-    },
-    "components": {"schemas": {
-        "Error": {"type": "object", "required": ["error"], "properties": {
-            "error": {"type": "string"},
-            "errors": {"type": "array", "items": {"type": "object", "properties": {
-                "document": {"type": "integer"}, "path": {"type": "string"},
-                "message": {"type": "string"}, "line": {"type": "integer", "nullable": True}}}}}},
-        "Applied": {"type": "object", "properties": {"applied": {"type": "array", "items": {
-            "type": "object", "properties": {
-                "kind": {"type": "string"}, "name": {"type": "string"},
-                "generation": {"type": "integer"}, "changed": {"type": "boolean"}}}}}},
-        "Object": {"type": "object", "properties": {
-            "kind": {"type": "string"}, "name": {"type": "string"},
-            "generation": {"type": "integer"}, "digest": {"type": "string"},
-            "created_at": {"type": "number"}, "updated_at": {"type": "number"},
-            "deleted": {"type": "boolean"}, "spec": {"type": "object"},
-            "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}}}},
-        "Objects": {"type": "object", "properties": {"objects": {
-            "type": "array", "items": {"$ref": "#/components/schemas/Object"}}}},
-        "Deleted": {"type": "object", "properties": {"deleted": {"type": "object"}}},
-        "Replica": {"type": "object", "properties": {
-            "id": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"},
-            "driver": {"type": "string"}, "image_digest": {"type": "string"},
-            "state": {"type": "string",
-                      "enum": ["pending", "starting", "ready", "crashed", "crash-loop"]},
-            "desired": {"type": "string"}, "host_port": {"type": "integer", "nullable": True},
-            "created_at": {"type": "number"}, "updated_at": {"type": "number"},
-            "last_error": {"type": "string"}, "restarts": {"type": "integer"},
-            "next_restart_at": {"type": "number", "nullable": True}}},
-        "Replicas": {"type": "object", "properties": {"replicas": {
-            "type": "array", "items": {"$ref": "#/components/schemas/Replica"}}}},
-        "Event": {"type": "object", "properties": {
-            "id": {"type": "integer"}, "time": {"type": "number"}, "kind": {"type": "string"},
-            "name": {"type": "string"}, "replica_id": {"type": "string", "nullable": True},
-            "type": {"type": "string", "enum": ["Normal", "Warning"]},
-            "reason": {"type": "string"}, "message": {"type": "string"}}},
-        "Events": {"type": "object", "properties": {"events": {
-            "type": "array", "items": {"$ref": "#/components/schemas/Event"}}}},
-    }},
-}
+def _status_of(exc: UniframeError) -> HTTPStatus:
+    for cls, status in _STATUS_OF:
+        if isinstance(exc, cls):
+            return status
+    return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -246,63 +70,125 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _client_left(self) -> bool:
+        """True once the client closed its side (it never sends anything while it reads)."""
+        conn: socket.socket = self.connection
+        with contextlib.suppress(OSError):
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                return False
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        return True
+
+    def _stream(self, status: int, chunks: Iterator[bytes], content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                elif self._client_left():
+                    self.close_connection = True
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _length(self, limit: int) -> int:
+        header = self.headers.get("Content-Length")
+        if header is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+            return 0
+        try:
+            length = int(header)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"Content-Length {header!r} is not a number") from None
+        if length > limit:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"the body is {length} bytes, over the limit of {limit}")
+        return length
+
+    def _read_text(self) -> str:
+        raw = self.rfile.read(self._length(MAX_BODY))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8 text") from None
+
+    def _read_file(self, directory: Path) -> Path:
+        left = self._length(MAX_UPLOAD)
+        path = directory / "upload"
+        with path.open("wb") as fh:
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "the body ended early")
+                fh.write(chunk)
+                left -= len(chunk)
+        return path
+
+    def _request(self, route: Route, params: dict[str, str], query: dict[str, list[str]],
+                 scratch: Path) -> Request:
+        if route.body == "text":
+            return Request(params, query, text=self._read_text())
+        if route.body == "file":
+            return Request(params, query, file=self._read_file(scratch))
+        if self._length(MAX_BODY):
+            self.close_connection = True  # an unexpected body stays unread
+        return Request(params, query)
+
     def _route(self, method: str) -> None:
         url = urlsplit(self.path)
-        parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
         api = self.server.api
         try:
-            if method == "GET" and parts == ["metrics"]:
-                self._send(200, api.metrics().encode(), "text/plain; version=0.0.4")
-                return
-            result: dict[str, Any]
-            if method == "GET" and parts == ["openapi.json"]:
-                result = OPENAPI
-            elif method == "POST" and parts == ["v1", "apply"]:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"the body is over {MAX_BODY} bytes")
-                raw = self.rfile.read(length)
+            with tempfile.TemporaryDirectory(prefix="uniframe-api-") as scratch:
                 try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8 text") from None
-                result = api.apply(text)
-            elif method == "GET" and parts == ["v1", "objects"]:
-                result = api.objects()
-            elif method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "objects"]:
-                result = api.object(parts[2], parts[3])
-            elif method == "DELETE" and len(parts) == 4 and parts[:2] == ["v1", "objects"]:
-                result = api.delete(parts[2], parts[3])
-            elif method == "GET" and parts == ["v1", "replicas"]:
-                result = api.replicas()
-            elif method == "GET" and parts == ["v1", "events"]:
-                query = parse_qs(url.query)
-                try:
-                    after = int(query.get("after", ["0"])[0])
-                    limit = int(query["limit"][0]) if "limit" in query else None
-                except ValueError:
-                    raise ApiError(HTTPStatus.BAD_REQUEST,
-                                   "after and limit are integers") from None
-                result = api.events(after, limit)
-            else:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {url.path}; "
-                               "see /openapi.json")
-            self._send(200, json.dumps(result).encode(), "application/json")
+                    route, params = find_route(method, url.path)
+                    query = parse_qs(url.query, keep_blank_values=True)
+                    request = self._request(route, params, query, Path(scratch))
+                except ApiError:
+                    self.close_connection = True  # the body, if any, was not read
+                    raise
+                reply = route.handler(api, request)
+                if not isinstance(reply, Reply):
+                    reply = Reply(reply)
+                if isinstance(reply.body, dict):
+                    self._send_json(reply.status, reply.body)
+                elif isinstance(reply.body, str):
+                    self._send(reply.status, reply.body.encode(), reply.content_type)
+                else:
+                    self._stream(reply.status, reply.body, reply.content_type)
         except ApiError as exc:
-            self._send(exc.status, json.dumps(exc.body).encode(), "application/json")
-        except NotFoundError as exc:
-            self._send(404, json.dumps({"error": str(exc)}).encode(), "application/json")
-        except ConflictError as exc:
-            self._send(409, json.dumps({"error": str(exc)}).encode(), "application/json")
+            self._send_json(exc.status, exc.body)
         except UniframeError as exc:
-            self._send(500, json.dumps({"error": str(exc)}).encode(), "application/json")
+            self._send_json(_status_of(exc), {"error": str(exc)})
+        except Exception as exc:  # a bug: say so in JSON, keep the details in the daemon's log
+            traceback.print_exc(file=sys.stderr)
+            self._send_json(500, {"error": f"internal error in the daemon ({type(exc).__name__}: "
+                                           f"{exc}); see the daemon's log"})
 
     def do_GET(self) -> None:
         self._route("GET")
 
     def do_POST(self) -> None:
         self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
 
     def do_DELETE(self) -> None:
         self._route("DELETE")
@@ -323,7 +209,9 @@ class Daemon:
                  period: float = 1.0) -> None:
         self.store = store
         self.reconciler = reconciler
-        self.server = _Server((host, port), Api(store, reconciler))
+        self.api = Api(store, reconciler)
+        self.api.registry.sync()  # repair what a crash between index and files left behind
+        self.server = _Server((host, port), self.api)
         self._thread = threading.Thread(target=reconciler.run, args=(period,),
                                         name="reconciler", daemon=True)
 
@@ -331,6 +219,11 @@ class Daemon:
     def address(self) -> tuple[str, int]:
         host, port = self.server.server_address[:2]
         return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`; the replicas keep running after the daemon stops."""
