@@ -119,10 +119,23 @@ def test_canary_promote_undo_and_automatic_rollback(daemon: Daemon) -> None:
         until("the bad rollout rolls back", lambda: rollout_status(d).state == ROLLED_BACK, 90)
         until("only good replicas remain", lambda: (
             len(rs := replicas(d)) == 2 and all(r.state == READY for r in rs)))
+
+        # a revision whose servers start but never get ready: the progress deadline rolls back
+        hang = d.root / "hang"
+        hang.mkdir()
+        (hang / "sitecustomize.py").write_text("import time\ntime.sleep(3600)\n")
+        d.apply(spec(2, d.service_port, env=f"env: {{PYTHONPATH: {hang}}}",
+                     rollout="strategy: rolling, progressDeadlineSeconds: 3"))
+        until("the stuck rollout rolls back", lambda: rollout_status(d).state == ROLLED_BACK
+              and "not ready within 3 s" in rollout_status(d).message, 60)
+        until("only good replicas remain", lambda: (
+            len(rs := replicas(d)) == 2 and all(r.state == READY for r in rs)
+            and {r.revision for r in rs} == {revision_digest(d, 7)}))  # 1 2 1 2' 1 2'' 1
     assert load.failures == [], load.failures[:5]
     with open_store(d) as store, store.tx(readonly=True) as tx:
         obj = tx.get_object(SVC, "iris")
     assert obj is not None and obj.spec["spec"]["env"] == {}  # the previous spec is back
+    assert obj.spec["spec"]["rollout"]["progressDeadlineSeconds"] == 3  # settings stay the user's
     assert obj.spec["spec"]["model"] == {"name": "iris", "version": 1}
     reasons = event_reasons(d)
     for reason in ("CanaryReady", "Promoted", "RollbackRequested", "RolloutFailed", "RolledBack"):
