@@ -129,7 +129,11 @@ def tree_stats(root: Path) -> TreeStats:
 def unpack(image: Image, dest: Path) -> Path:
     """The image's root file system as a directory."""
     dest.mkdir(parents=True)
-    if image.kind == "unikernel":
+    if image.kind == "unikernel" and "root" in image.manifest["files"]:
+        # squashfs root disk; -f: into the directory just made
+        subprocess.run(["unsquashfs", "-f", "-q", "-n", "-no-xattrs", "-d", str(dest),
+                        str(image.file("root"))], check=True, stdout=subprocess.DEVNULL)
+    elif image.kind == "unikernel":
         comp = image.manifest["initrd"]["compression"]
         tool = {"none": ["cat"], "gzip": ["gzip", "-dc"], "lz4": ["lz4", "-dc"], "zstd": ["zstd", "-dc"]}[comp]
         with open(image.initrd, "rb") as src:

@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils         # microVMs and full VMs
   runc iproute2 nftables debootstrap # containers, their networks and ports, the Debian baseline
   linux-source-6.1 bc flex bison libelf-dev libssl-dev build-essential  # the tailored kernel
-  cpio lz4 zstd gzip                 # initramfs compression
+  cpio lz4 zstd gzip squashfs-tools  # unikernel roots: initramfs compression, squashfs disks
   e2fsprogs fdisk dosfstools mtools syslinux syslinux-common xorriso  # VM disks, cloud-init seeds
   wrk curl                           # benchmarks and demos
   postgresql                         # the control plane's PostgreSQL backend (tests start their own server)

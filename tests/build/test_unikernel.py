@@ -1,12 +1,19 @@
-"""The iris service as a unikernel, end to end: build, manifest, reproducibility, boot, infer, crash."""
+"""The iris service as a unikernel, end to end: build, manifest, reproducibility, boot, infer, crash.
+
+The default image boots from a read-only squashfs root disk; the initramfs
+format is built and booted too, and one squashfs image boots twice at once.
+"""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import json
 import os
+import re
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +21,16 @@ from typing import Any
 
 import pytest
 
+from uniframe.build import rootfs
 from uniframe.build.examples import write_iris
 from uniframe.build.store import Image, ImageStore
-from uniframe.build.unikernel import BuildResult, build_unikernel
+from uniframe.build.unikernel import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_SQUASHFS_COMPRESSION,
+    BuildResult,
+    build_unikernel,
+)
+from uniframe.guest.net import hosts_text
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.qemu.driver import QMP_SOCK, QemuMicroVMDriver
 from uniframe.runtime.qemu.qmp import Qmp
@@ -53,10 +67,10 @@ def store(workdir: Path) -> ImageStore:
     return ImageStore(workdir / "images")
 
 
-def _build(workdir: Path, store: ImageStore) -> BuildResult:
+def _build(workdir: Path, store: ImageStore, **options: Any) -> BuildResult:
     (doc,) = load_file(workdir / "service.yaml")
     assert isinstance(doc.spec, InferenceService)
-    return build_unikernel(doc.spec, source_digest=doc.digest(), store=store)
+    return build_unikernel(doc.spec, source_digest=doc.digest(), store=store, **options)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +99,33 @@ def test_manifest_describes_the_image(built: BuildResult) -> None:
     assert {"numpy", "onnxruntime", "python-stdlib", "uniframe", "system"} <= packages
     assert m["file_count"] > 100
     assert "uniframe.app=uniframe.serve" in m["cmdline"] and "reboot=t" in m["cmdline"]
-    for role in ("kernel", "initrd"):
+    # the root is a read-only squashfs disk, mounted by the kernel, running /init
+    assert set(m["files"]) == {"kernel", "root"}
+    for role in ("kernel", "root"):
         assert built.image.file(role).stat().st_size == m["files"][role]["size"]
+    assert m["root"] == {"format": "squashfs", "compression": DEFAULT_SQUASHFS_COMPRESSION,
+                         "level": rootfs.DEFAULT_LEVELS[DEFAULT_SQUASHFS_COMPRESSION],
+                         "block_size": DEFAULT_BLOCK_SIZE, "bytes": m["files"]["root"]["size"],
+                         "uncompressed_bytes": m["root"]["uncompressed_bytes"]}
+    assert m["root"]["uncompressed_bytes"] > 3 * m["root"]["bytes"]
+    assert "initrd" not in m
+    assert "root=/dev/vda ro rootfstype=squashfs init=/init" in m["cmdline"]
+    assert "rootfstype=ramfs" not in m["cmdline"]
+    # what the init cannot create on a read-only root is in the image
+    listing = subprocess.run(["unsquashfs", "-lls", "-d", "", str(built.image.file("root"))],
+                             capture_output=True, text=True, check=True).stdout
+    for path in ("/init", "/etc/hosts", "/proc", "/sys", "/dev", "/tmp", "/run", "/dev/console",
+                 m["model"]["path"]):
+        assert re.search(rf" {re.escape(path)}$", listing, re.M), path
+    hosts = subprocess.run(["unsquashfs", "-cat", str(built.image.file("root")), "/etc/hosts"],
+                           capture_output=True, text=True, check=True).stdout
+    assert hosts == hosts_text("iris")
 
 
 def test_same_inputs_give_the_same_digest(built: BuildResult, workdir: Path, store: ImageStore) -> None:
     again = _build(workdir, store)
     assert again.image.digest == built.image.digest
+    assert again.image.manifest["files"]["root"]["sha256"] == built.image.manifest["files"]["root"]["sha256"]
     assert len(store.list()) == 1
 
 
@@ -109,31 +143,46 @@ def _boot(driver: QemuMicroVMDriver, ref: ImageRef, timeout: float = 120) -> tup
     port = free_port()
     replica = driver.create(ReplicaConfig(image=ref, memory_mib=256, ports=(PortMapping(port, 8080),)))
     driver.start(replica.id)
+    _wait_ready(driver, replica.id, port, timeout)
+    return replica.id, port
+
+
+def _wait_ready(driver: QemuMicroVMDriver, rid: str, port: int, timeout: float = 120) -> None:
+    """Until the server answers ready, or the replica stops running (the caller checks why)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if driver.inspect(replica.id).state is not ReplicaState.RUNNING:
-            return replica.id, port
+        if driver.inspect(rid).state is not ReplicaState.RUNNING:
+            return
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/v2/health/ready")
             if conn.getresponse().status == 200:
-                return replica.id, port
+                return
         except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.1)
-    raise AssertionError("the unikernel did not become ready:\n" + _console(driver, replica.id))
+    raise AssertionError("the unikernel did not become ready:\n" + _console(driver, rid))
 
 
 def _console(driver: QemuMicroVMDriver, replica_id: str) -> str:
     return b"".join(driver.logs(replica_id)).decode("utf-8", "replace")
 
 
-def test_boot_infer_json_and_binary_then_stop(built: BuildResult, driver: QemuMicroVMDriver) -> None:
-    rid, port = _boot(driver, image_ref(built.image))
+def _infer_json(port: int) -> None:
     status, _h, raw = _post(port, json.dumps(IRIS).encode(), {"Content-Type": "application/json"})
     assert status == 200, raw
     out = json.loads(raw)["outputs"]
     assert out[0] == {"name": "label", "datatype": "INT64", "shape": [2], "data": [0, 2]}
+
+
+def test_boot_infer_json_and_binary_then_stop(built: BuildResult, driver: QemuMicroVMDriver) -> None:
+    ref = image_ref(built.image)
+    assert ref.disk == built.image.file("root") and ref.initrd == Path()
+    rid, port = _boot(driver, ref)
+    argv = driver.get(rid).argv
+    assert "-initrd" not in argv
+    assert f"if=none,id=root,file={ref.disk},format=raw,readonly=on" in argv
+    _infer_json(port)
 
     x = struct.pack("<8f", *IRIS["inputs"][0]["data"])  # type: ignore[index]
     head = json.dumps({"inputs": [{"name": "X", "shape": [2, 4], "datatype": "FP32",
@@ -154,6 +203,49 @@ def test_boot_infer_json_and_binary_then_stop(built: BuildResult, driver: QemuMi
     log = _console(driver, rid)
     assert "UNIFRAME-EXIT status=0" in log
     assert "uniframe-serve: stopped" in log  # the server drained on the guest's SIGTERM
+    # nothing on the boot path tried to write to the read-only root, nothing was skipped
+    assert "Read-only file system" not in log and "warning" not in log.lower(), log
+    assert "skipped" not in log, log
+
+
+def test_two_replicas_boot_from_one_root_disk_at_once(built: BuildResult,
+                                                      driver: QemuMicroVMDriver) -> None:
+    # QEMU opens a readonly=on drive with a shared lock only, so neither refuses the file
+    ref = image_ref(built.image)
+    ports = {}
+    for _ in range(2):
+        port = free_port()
+        replica = driver.create(ReplicaConfig(image=ref, memory_mib=256,
+                                              ports=(PortMapping(port, 8080),)))
+        driver.start(replica.id)
+        ports[replica.id] = port
+    for rid, port in ports.items():
+        _wait_ready(driver, rid, port)
+        _infer_json(port)
+    for rid in ports:
+        assert driver.stop(rid, timeout=20).exit_status == 0, _console(driver, rid)
+
+
+@pytest.fixture(scope="module")
+def built_initramfs(workdir: Path, store: ImageStore) -> BuildResult:
+    return _build(workdir, store, rootfs_format="initramfs")
+
+
+def test_the_initramfs_format_still_builds_and_boots(built_initramfs: BuildResult,
+                                                     driver: QemuMicroVMDriver) -> None:
+    m = built_initramfs.image.manifest
+    assert set(m["files"]) == {"kernel", "initrd"}
+    assert m["root"]["format"] == "initramfs" and m["root"]["compression"] == "lz4"
+    assert "block_size" not in m["root"]
+    assert m["initrd"] == {"compression": "lz4", "uncompressed_bytes": m["root"]["uncompressed_bytes"]}
+    assert "rootfstype=ramfs" in m["cmdline"] and "root=/dev/vda" not in m["cmdline"]
+    ref = image_ref(built_initramfs.image)
+    assert ref.disk is None and ref.initrd == built_initramfs.image.file("initrd")
+    rid, port = _boot(driver, ref)
+    assert "-drive" not in driver.get(rid).argv
+    _infer_json(port)
+    final = driver.stop(rid, timeout=20)
+    assert final.state is ReplicaState.EXITED and final.exit_status == 0
 
 
 def _guest_features(driver: QemuMicroVMDriver, rid: str, device: str) -> set[str]:
@@ -169,8 +261,7 @@ def _with_args(image: Image, **keys: str) -> ImageRef:
     """The image booted with some ``uniframe.*`` keys replaced on its command line."""
     words = [w for w in image.cmdline.split() if w.split("=", 1)[0] not in {f"uniframe.{k}" for k in keys}]
     words += [f"uniframe.{k}={v}" for k, v in keys.items()]
-    ref = image_ref(image)
-    return ImageRef(ref.ref, ref.digest, ref.kernel, ref.initrd, " ".join(words))
+    return dataclasses.replace(image_ref(image), cmdline=" ".join(words))
 
 
 def _wait_end(driver: QemuMicroVMDriver, rid: str, timeout: float = 90) -> ReplicaState:

@@ -58,6 +58,20 @@ def test_mount_tolerates_what_is_already_there(tmp_path: Path) -> None:
     assert len(fake.calls) == 2
 
 
+def test_a_missing_mount_point_on_a_read_only_root_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    (tmp_path / "proc").mkdir()
+    monkeypatch.setattr(mounts.os, "makedirs", read_only)
+    fake = FakeMount()
+    results = mount_all([Mount("/proc", "proc"), Mount("/run", "tmpfs")], root=str(tmp_path),
+                        mount=fake)
+    assert [r.outcome for r in results] == [mounts.MOUNTED, mounts.NO_MOUNT_POINT]
+    assert [c[2] for c in fake.calls] == ["proc"]
+
+
 def test_other_mount_failures_raise(tmp_path: Path) -> None:
     with pytest.raises(PermissionError):
         mount_all([Mount("/proc", "proc")], root=str(tmp_path), mount=FakeMount({"proc": errno.EPERM}))

@@ -1,11 +1,12 @@
-"""The init as PID 1 of a real microVM: the tailored kernel, an initramfs from our writer, QEMU.
+"""The init as PID 1 of a real microVM: the tailored kernel, a root from our writers, QEMU.
 
 Until the image builder exists, the test makes the closure by hand: it runs
 the same scenario as a plain process, records every module file it loaded,
 and packs those (with unchecked-hash pycs, as the builder should), the
 interpreter and the ELF libraries ``ldd`` names, at their host paths. Each
 compression method is booted, since only the kernel can say whether it
-accepts our gzip, legacy lz4 and zstd.
+accepts our gzip, legacy lz4 and zstd, and so is the same closure as a
+read-only squashfs root disk.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from guest_support import APPS, SRC
 from test_guest_init import marker, start_process
 
 from uniframe.build.initramfs import Device, Directory, Entry, File, write_initramfs
+from uniframe.build.rootfs import write_squashfs
+from uniframe.build.unikernel import DISK_ROOT_ARGS
 from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
 from uniframe.guest.initscript import DEVICE_NODES, INIT_PATH, MOUNT_POINTS, render_init_script
+from uniframe.guest.net import HOSTS_PATH, hosts_text
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -113,12 +117,19 @@ def entries(tmp_path_factory: pytest.TempPathFactory) -> list[Entry]:
 
 
 class Guest:
-    def __init__(self, kernel: Path, initrd: Path, cmdline: str) -> None:
+    """QEMU with the root as an initramfs, or as a read-only squashfs ``disk``."""
+
+    def __init__(self, kernel: Path, initrd: Path | None, cmdline: str, disk: Path | None = None) -> None:
         argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off,x-option-roms=off",
                 "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "256M",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-kernel", str(kernel), "-initrd", str(initrd),
-                "-append", " ".join([*KERNEL_ARGS, cmdline]), "-serial", "stdio"]
+                "-kernel", str(kernel), "-append", " ".join([*KERNEL_ARGS, cmdline]),
+                "-serial", "stdio"]
+        if initrd is not None:
+            argv += ["-initrd", str(initrd)]
+        if disk is not None:
+            argv += ["-drive", f"if=none,id=root,file={disk},format=raw,readonly=on",
+                     "-device", "virtio-blk-device,drive=root"]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,13 +184,19 @@ def guests() -> Iterator[list[Guest]]:
         guest.kill()
 
 
-@pytest.mark.parametrize("method", ["gzip", "lz4", "zstd"])
+@pytest.mark.parametrize("method", ["gzip", "lz4", "zstd", "squashfs"])
 def test_boot_run_report_and_exit(method: str, kernel: Path, entries: list[Entry],
                                   guests: list[Guest], tmp_path: Path) -> None:
-    initrd = write_initramfs(entries, tmp_path / f"initrd.{method}", method)  # type: ignore[arg-type]
     line = encode_cmdline("guestapp", SCENARIO, {"GUESTAPP_GREETING": "from the host"},
                           hostname="vm-1", reap_grace=1.0)
-    guest = Guest(kernel, initrd, line)
+    if method == "squashfs":
+        # a read-only root: the kernel mounts it and devtmpfs, /etc/hosts comes with the image
+        hosts = File(HOSTS_PATH, hosts_text("vm-1").encode())
+        initrd = write_squashfs([*entries, hosts], tmp_path / "root.squashfs", "zstd")
+        guest = Guest(kernel, None, " ".join([*DISK_ROOT_ARGS, line]), disk=initrd)
+    else:
+        initrd = write_initramfs(entries, tmp_path / f"initrd.{method}", method)  # type: ignore[arg-type]
+        guest = Guest(kernel, initrd, line)
     guests.append(guest)
     ready = guest.read_until(b"uniframe: init ready", 120)
     exited = guest.read_until(b"UNIFRAME-EXIT", 120)
@@ -192,6 +209,10 @@ def test_boot_run_report_and_exit(method: str, kernel: Path, entries: list[Entry
     assert re.search(r"guestapp: orphan \d+ reaped\n", out), out
     assert "guestapp: subprocess statuses [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 5]" in out
     assert "guestapp: hostname vm-1\nguestapp: loopback works\n" in out
+    assert "guestapp: localhost is 127.0.0.1\n" in out
+    root = "guestapp: root squashfs ro\n" if method == "squashfs" else "guestapp: root rootfs rw\n"
+    assert root in out
+    assert "uniframe: warning" not in out
     assert "random number generator is not ready" not in out
     skipped = re.findall(r"^uniframe: (/\S*) \(\w+\): skipped", out, re.M)
     # /tmp keeps the image's own files when the closure lives there (a checkout under /tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.ports import PortMapping, parse_port_mapping
 from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.qemu.driver import QemuMicroVMDriver
 from uniframe.runtime.qemu.initramfs import init_initramfs
 from uniframe.runtime.qemu.microvm import (
     USER_NET_IP_ARG,
@@ -21,6 +23,7 @@ from uniframe.runtime.qemu.microvm import (
     kernel_cmdline,
 )
 from uniframe.runtime.qemu.tsc import host_tsc_khz, measure_tsc_khz
+from uniframe.runtime.replica import ImageRef, ReplicaConfig
 
 
 def test_kernel_cmdline_adds_runtime_keys_once_and_before_init_args() -> None:
@@ -68,6 +71,32 @@ def test_guests_report_freed_pages_to_qemu() -> None:
     assert argv[argv.index("virtio-balloon-device,free-page-reporting=on") - 1] == "-device"
     argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x", free_page_reporting=False).argv()
     assert not any("balloon" in a for a in argv)
+
+
+def test_a_root_disk_is_attached_read_only_instead_of_an_initrd() -> None:
+    argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x", disk=Path("/i,j/root.squashfs")).argv()
+    drive = argv[argv.index("-drive") + 1]
+    assert drive == "if=none,id=root,file=/i,,j/root.squashfs,format=raw,readonly=on"
+    assert argv[argv.index("virtio-blk-device,drive=root") - 1] == "-device"
+    assert "-initrd" not in argv
+    argv = MicroVM(qemu="qemu", kernel=Path("/k"), cmdline="x", initrd=Path("/initrd")).argv()
+    assert "-drive" not in argv and argv[argv.index("-initrd") + 1] == "/initrd"
+
+
+def test_image_refs_carry_the_disk_and_old_records_still_load() -> None:
+    ref = ImageRef("iris", "sha256:ab", Path("/i/kernel"), Path(), "quiet", disk=Path("/i/root.squashfs"))
+    assert ImageRef.from_json(json.loads(json.dumps(ref.to_json()))) == ref
+    old = {k: v for k, v in ref.to_json().items() if k != "disk"}  # written before disk roots
+    old["initrd"] = "/i/initrd"
+    assert ImageRef.from_json(old) == ImageRef("iris", "sha256:ab", Path("/i/kernel"),
+                                               Path("/i/initrd"), "quiet")
+
+
+def test_a_missing_root_disk_is_refused_at_create(tmp_path: Path) -> None:
+    (tmp_path / "kernel").write_bytes(b"k")
+    ref = ImageRef("iris", "sha256:ab", tmp_path / "kernel", Path(), disk=tmp_path / "root.squashfs")
+    with pytest.raises(RuntimeDriverError, match=r"root.squashfs is missing; rebuild the image"):
+        QemuMicroVMDriver(root=tmp_path / "replicas").create(ReplicaConfig(image=ref))
 
 
 def test_the_host_tsc_rate_is_measured_consistently() -> None:

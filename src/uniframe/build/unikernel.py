@@ -1,4 +1,4 @@
-"""Build an InferenceService into a unikernel image: kernel + initramfs + command line.
+"""Build an InferenceService into a unikernel image: kernel + root + command line.
 
 The pipeline, each step a call into its own module:
 
@@ -6,8 +6,11 @@ The pipeline, each step a call into its own module:
 2. trace the model server once on the host, with a real inference as warm-up,
    to learn exactly which files it needs (:mod:`uniframe.build.closure`);
 3. materialize that closure into a root (stripped, unchecked-hash pycs);
-4. add the model, ``/init`` and the device nodes, and pack the root as a
-   newc initramfs (:mod:`uniframe.build.initramfs`);
+4. add the model, ``/init``, ``/etc/hosts``, the mount points and the device
+   nodes, and pack the root in one of two formats: a read-only squashfs disk
+   (:mod:`uniframe.build.rootfs`; the driver attaches it as virtio-blk and the
+   kernel mounts it as ``/``) or a newc initramfs the kernel unpacks into RAM
+   (:mod:`uniframe.build.initramfs`). Both carry the same entries;
 5. take the tailored kernel from the cache (:mod:`uniframe.build.kernel`);
 6. write ``manifest.json`` and move the image into the content-addressed store.
 
@@ -27,9 +30,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from uniframe.build import initramfs
+from uniframe.build import initramfs, rootfs
 from uniframe.build.closure.materialize import MaterializeStats, materialize
 from uniframe.build.closure.model import Closure
 from uniframe.build.closure.trace import WarmupRequest, trace
@@ -39,19 +42,36 @@ from uniframe.build.modelstore import describe_onnx
 from uniframe.build.store import BUILD_INFO, Image, ImageStore, finalize_manifest
 from uniframe.errors import BuildError, ModelError
 from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
-from uniframe.guest.initscript import DEVICE_NODES, MOUNT_POINTS, render_init_script
+from uniframe.guest.initscript import DEVICE_NODES, INIT_PATH, MOUNT_POINTS, render_init_script
+from uniframe.guest.net import HOSTS_PATH, hosts_text
 from uniframe.spec import InferenceService
+from uniframe.spec.service import RootFormat
 
 Progress = Callable[[str], None]
+Compression = Literal["none", "gzip", "lz4", "zstd", "xz"]  # xz: squashfs only
+ROOT_FORMATS: tuple[RootFormat, ...] = get_args(RootFormat)
 MODEL_DIR = "/srv/models"
 SERVER_MODULE = "uniframe.serve"
-# The fastest boot measured under TCG (bench/unikernel_bench.py, bench/README.md):
-# QEMU start to first inference of iris took 4.29 s with lz4, 5.11 s with gzip and
-# 5.50 s with zstd (the kernel's zstd and gzip decoders are slow under TCG). No
-# compression tied with lz4 (4.29 s) but makes the image 2.5x larger and QEMU's
-# RSS 52 MB larger (QEMU keeps the initrd file mapped).
+# The default format and its settings are the fastest-booting combination that
+# meets every target for the iris service (image <= 30 MB with the kernel, QEMU
+# RSS <= 200 MiB after 1000 requests, QEMU start to first inference <= 8 s under
+# TCG), as measured by bench/unikernel_bench.py (bench/README.md, "Unikernel").
+DEFAULT_ROOTFS: RootFormat = "squashfs"
+DEFAULT_SQUASHFS_COMPRESSION: rootfs.Method = "zstd"
+DEFAULT_BLOCK_SIZE = 256 << 10
+ROOT_FILE = "root.squashfs"
+ROOT_ROLE = "root"  # the disk's role in the manifest's files (the initramfs's is "initrd")
+# The disk root: the only block device is the first virtio-blk disk; no
+# initramfs, so the kernel runs the /init that init= names (it would look for
+# /sbin/init otherwise).
+DISK_ROOT_ARGS = ("root=/dev/vda", "ro", "rootfstype=squashfs", f"init={INIT_PATH}")
+# For an initramfs root, the fastest boot measured under TCG (bench/unikernel_bench.py,
+# bench/README.md): QEMU start to first inference of iris took 4.29 s with lz4, 5.11 s
+# with gzip and 5.50 s with zstd (the kernel's zstd and gzip decoders are slow under
+# TCG). No compression tied with lz4 (4.29 s) but makes the image 2.5x larger and
+# QEMU's RSS 52 MB larger (QEMU keeps the initrd file mapped).
 DEFAULT_COMPRESSION: initramfs.Method = "lz4"
-# zstd is the choice for the smallest image: level 19 makes the iris initrd 11%
+# zstd is the choice for the smallest initramfs: level 19 makes the iris initrd 11%
 # smaller than the default level 9 (24.9 vs 28.0 MB) and the kernel unpacks it
 # just as fast; only the build pays (~25-50 s of CPU for iris).
 LEVELS: dict[initramfs.Method, int] = {"zstd": 19}
@@ -60,10 +80,14 @@ LEVELS: dict[initramfs.Method, int] = {"zstd": 19}
 # left the 98 MB iris root a few MB of room with lz4 and made an uncompressed
 # initrd fail to unpack ("write error"); ramfs has no cap. /tmp and /run are
 # still size-capped tmpfs mounts (uniframe.guest.mounts).
-ROOTFS_ARGS = ("rootfstype=ramfs",)
+INITRAMFS_ROOT_ARGS = ("rootfstype=ramfs",)
 # One thread for the numeric libraries: a replica is one core's worth of work,
 # and thread pools only cost start-up time and memory (scale out with replicas).
-GUEST_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+GUEST_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+             # ONNX Runtime (1.32) otherwise persists a telemetry device id under
+             # ~/.cache, which a read-only root refuses with a warning on every boot,
+             # and starts an uploader thread that has nowhere to upload to.
+             "ORT_DISABLE_TELEMETRY": "1"}
 
 
 @dataclass(frozen=True)
@@ -219,19 +243,74 @@ def _build_info(timings: dict[str, float], app: AppRoot) -> str:
     }, indent=2) + "\n"
 
 
+@dataclass(frozen=True)
+class RootOptions:
+    """How the root is packaged; ``None`` fields take the format's measured default."""
+
+    format: RootFormat = DEFAULT_ROOTFS
+    compression: Compression | None = None
+    level: int | None = None
+    block_size: int | None = None  # squashfs only
+
+    def resolved(self) -> RootOptions:
+        """These options with every default filled in and checked; raises ``BuildError``."""
+        if self.format not in ROOT_FORMATS:
+            raise BuildError(f"unknown root format {self.format!r}; use one of {', '.join(ROOT_FORMATS)}")
+        if self.format == "initramfs":
+            method = self.compression or DEFAULT_COMPRESSION
+            if method not in initramfs.METHODS:
+                raise BuildError(f"an initramfs cannot be compressed with {method}; use one of "
+                                 f"{', '.join(initramfs.METHODS)}, or the squashfs root format")
+            if self.block_size is not None:
+                raise BuildError("a block size applies to the squashfs root format only")
+            level = initramfs.check_level(method, self.level if self.level is not None
+                                          else LEVELS.get(method))
+            return RootOptions("initramfs", method, level, None)
+        squash: rootfs.Method = self.compression or DEFAULT_SQUASHFS_COMPRESSION
+        block_size = self.block_size or DEFAULT_BLOCK_SIZE
+        level = rootfs.check_options(squash, self.level, block_size)
+        return RootOptions("squashfs", squash, level, block_size)
+
+
+def root_entries(app: AppRoot, init_text: str, hostname: str) -> list[initramfs.Entry]:
+    """Everything the image's root holds: the app's files plus what PID 1 needs.
+
+    The same list for either format. A read-only root cannot gain a mount
+    point or ``/etc/hosts`` at boot, so both are in the image.
+    """
+    extra: list[initramfs.Entry] = [
+        initramfs.File(INIT_PATH, init_text.encode(), 0o755),
+        initramfs.File(app.image_model, app.model.path, 0o644),
+        *(initramfs.Directory(p) for p in MOUNT_POINTS if not (app.root / p.lstrip("/")).exists()),
+        *(initramfs.Device(path, "c", major, minor, mode)
+          for path, _kind, major, minor, mode in DEVICE_NODES),
+    ]
+    if not (app.root / HOSTS_PATH.lstrip("/")).exists():
+        extra.append(initramfs.File(HOSTS_PATH, hosts_text(hostname).encode(), 0o644))
+    return [*_root_entries(app.root), *extra]
+
+
 def build_unikernel(
     service: InferenceService,
     *,
     source_digest: str,
-    compression: initramfs.Method | None = None,
+    compression: Compression | None = None,
+    rootfs_format: RootFormat | None = None,
+    level: int | None = None,
+    block_size: int | None = None,
     store: ImageStore | None = None,
     progress: Progress | None = None,
     kernel: Kernel | None = None,
 ) -> BuildResult:
-    """Build ``service`` into a unikernel image in ``store`` and return it with build facts."""
+    """Build ``service`` into a unikernel image in ``store`` and return it with build facts.
+
+    ``rootfs_format`` and ``compression`` override the spec's ``image`` options;
+    ``level`` and ``block_size`` are for measuring (bench/unikernel_bench.py).
+    """
     say = progress or (lambda _msg: None)
     store = store or ImageStore()
-    method: initramfs.Method = compression or _spec_compression(service) or DEFAULT_COMPRESSION
+    options = RootOptions(rootfs_format or service.spec.image.rootfs,
+                          compression or _spec_compression(service), level, block_size).resolved()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     staging = store.staging_dir()
@@ -241,23 +320,46 @@ def build_unikernel(
         # A traceback from the guest still names each file and line, and the files
         # are at the same paths on the build host.
         app = prepare_app_root(service, staging, say, timings, sources=False)
-        init_text = render_init_script(app.closure.interpreter, _host_sys_path())
-        extra: list[initramfs.Entry] = [
-            initramfs.File("/init", init_text.encode(), 0o755),
-            initramfs.File(app.image_model, app.model.path, 0o644),
-            *(initramfs.Directory(p) for p in MOUNT_POINTS if not (app.root / p.lstrip("/")).exists()),
-            *(initramfs.Device(path, "c", major, minor, mode)
-              for path, _kind, major, minor, mode in DEVICE_NODES),
-        ]
+        return package_unikernel(service, app, options, source_digest=source_digest, store=store,
+                                 progress=say, kernel=kernel, timings=timings, started=t0)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-        say(f"packing the initramfs ({method})")
-        t = time.monotonic()
+
+def package_unikernel(
+    service: InferenceService,
+    app: AppRoot,
+    options: RootOptions,
+    *,
+    source_digest: str,
+    store: ImageStore,
+    progress: Progress | None = None,
+    kernel: Kernel | None = None,
+    timings: dict[str, float] | None = None,
+    started: float | None = None,
+) -> BuildResult:
+    """Pack a prepared app root with the kernel into an image in ``store``.
+
+    Separate from :func:`build_unikernel` so that one traced root can be packed
+    in several formats (the benchmark's matrix) without tracing it again.
+    ``started`` (a ``time.monotonic()``) is when the whole build began, for
+    the total in ``build.json``.
+    """
+    say = progress or (lambda _msg: None)
+    options = options.resolved()
+    timings = timings if timings is not None else {}
+    started = time.monotonic() if started is None else started
+    staging = store.staging_dir()
+    try:
+        init_text = render_init_script(app.closure.interpreter, _host_sys_path())
+        entries = root_entries(app, init_text, service.metadata.name)
+        raw_bytes = _count_bytes(app.root) + app.model.size + len(init_text)
+
         image_dir = staging / "image"
         image_dir.mkdir()
-        raw_bytes = _count_bytes(app.root) + app.model.size + len(init_text)
-        initramfs.write_initramfs([*_root_entries(app.root), *extra], image_dir / "initrd", method,
-                                  LEVELS.get(method))
-        timings["initramfs"] = time.monotonic() - t
+        t = time.monotonic()
+        root_file, root_args = _write_root(entries, image_dir, options, say)
+        timings[options.format] = time.monotonic() - t
 
         say("getting the kernel")
         t = time.monotonic()
@@ -270,22 +372,31 @@ def build_unikernel(
         shutil.copyfile(boot_file, image_dir / "kernel")
         timings["kernel"] = time.monotonic() - t
 
-        cmdline = " ".join([*KERNEL_ARGS, "quiet", *ROOTFS_ARGS, encode_cmdline(
+        cmdline = " ".join([*KERNEL_ARGS, "quiet", *root_args, encode_cmdline(
             SERVER_MODULE, app.guest_args, {**GUEST_ENV, **service.spec.env},
             port=service.spec.port, hostname=service.metadata.name)])
         manifest = _common_manifest(service, app, source_digest)
+        role = ROOT_ROLE if options.format == "squashfs" else "initrd"
+        root: dict[str, Any] = {"format": options.format, "compression": options.compression,
+                                "level": options.level, "uncompressed_bytes": raw_bytes,
+                                "bytes": (image_dir / root_file).stat().st_size}
+        if options.block_size is not None:
+            root["block_size"] = options.block_size
         manifest.update({
             "kind": "unikernel",
-            "files": {"kernel": {"path": "kernel"}, "initrd": {"path": "initrd"}},
+            "files": {"kernel": {"path": "kernel"}, role: {"path": root_file}},
             "cmdline": cmdline,
             "kernel": {"key": kernel.key, "config_hash": kernel.config_hash,
                        "source_version": kernel.source_version,
                        "boot": "bzimage" if boot_file == kernel.bzimage else str(kernel.boot)},
-            "initrd": {"compression": method, "uncompressed_bytes": raw_bytes},
+            "root": root,
+            "file_count": sum(isinstance(e, initramfs.File | initramfs.Symlink) for e in entries),
         })
-        manifest["file_count"] += 1  # /init
+        if options.format == "initramfs":
+            # the record older readers of initramfs images know
+            manifest["initrd"] = {"compression": options.compression, "uncompressed_bytes": raw_bytes}
         finalize_manifest(image_dir, manifest)
-        timings["total"] = time.monotonic() - t0
+        timings["total"] = time.monotonic() - started
         (image_dir / BUILD_INFO).write_text(_build_info(timings, app))
         image = store.add_dir(image_dir, name=service.metadata.name, move=True)
         return BuildResult(image, app.closure, app.stats, kernel, timings)
@@ -293,7 +404,25 @@ def build_unikernel(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _spec_compression(service: InferenceService) -> initramfs.Method | None:
+def _write_root(entries: list[initramfs.Entry], image_dir: Path, options: RootOptions,
+                say: Progress) -> tuple[str, tuple[str, ...]]:
+    """Pack ``entries`` in the chosen format; return the file's name and the kernel's root arguments."""
+    if options.format == "squashfs":
+        assert options.block_size is not None
+        say(f"writing the squashfs root ({options.compression}, "
+            f"{options.block_size >> 10} KiB blocks)")
+        rootfs.write_squashfs(entries, image_dir / ROOT_FILE,
+                              options.compression,  # type: ignore[arg-type]
+                              options.level, block_size=options.block_size)
+        return ROOT_FILE, DISK_ROOT_ARGS
+    say(f"packing the initramfs ({options.compression})")
+    initramfs.write_initramfs(entries, image_dir / "initrd",
+                              options.compression,  # type: ignore[arg-type]
+                              options.level)
+    return "initrd", INITRAMFS_ROOT_ARGS
+
+
+def _spec_compression(service: InferenceService) -> Compression | None:
     """The spec's ``image.compression`` if the user wrote it (its model default is not ours)."""
     options = service.spec.image
     return options.compression if "compression" in options.model_fields_set else None

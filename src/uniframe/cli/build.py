@@ -18,6 +18,7 @@ image_app = typer.Typer(help="Inspect and remove images in the local store.", no
 app.add_typer(image_app, name="image")
 
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+ROOTFS = ("squashfs", "initramfs")
 RUNTIMES = ("unikernel", "container", "vm", "process")
 
 
@@ -34,9 +35,13 @@ def build(
     conventional: bool = typer.Option(False, "--conventional",
                                       help="with --runtime container: the Debian-based image "
                                            "(debootstrap + python3 + pip) instead of the traced one"),
+    rootfs: str = typer.Option(None, "--rootfs",
+                               help="unikernel root: squashfs (a read-only disk) or initramfs "
+                                    "(unpacked into RAM) (default: the spec's, else squashfs)"),
     compression: str = typer.Option(None, "--compression",
-                                    help="unikernel initramfs compression: none, gzip, lz4 or zstd "
-                                         "(default: the spec's, else the fastest-booting)"),
+                                    help="unikernel root compression: none, gzip, lz4 or zstd "
+                                         "(default: the spec's, else the fastest-booting for the "
+                                         "root format that keeps the image within its targets)"),
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="start the image and answer one inference before accepting it"),
     output: str = typer.Option("table", "-o", "--output", help="table or json"),
@@ -48,6 +53,8 @@ def build(
 
     if compression is not None and compression not in COMPRESSIONS:
         raise fail(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
+    if rootfs is not None and rootfs not in ROOTFS:
+        raise fail(f"--rootfs {rootfs!r}: use one of {', '.join(ROOTFS)}")
     if runtime is not None and runtime not in RUNTIMES:
         raise fail(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     docs = [d for d in load_file(spec) if isinstance(d.spec, InferenceService)]
@@ -71,6 +78,7 @@ def build(
             if target == "unikernel":
                 result = build_unikernel(service, source_digest=doc.digest(),
                                          compression=method,  # type: ignore[arg-type]
+                                         rootfs_format=rootfs,  # type: ignore[arg-type]
                                          progress=progress)
                 image = result.image
                 timings = result.timings
@@ -110,13 +118,20 @@ def _summary(image: Image) -> dict[str, Any]:
     m = image.manifest
     files = m.get("files", {})
     rootfs = m.get("rootfs", {})
+    # a unikernel's root; images built before disk roots record only "initrd"
+    root = m.get("root") or ({"format": "initramfs", **m["initrd"]} if "initrd" in m else {})
     return {
         "image": image.digest, "names": list(image.names), "kind": image.kind,
         "bytes": image.size_bytes(),
         "kernel_bytes": files.get("kernel", {}).get("size"),
         "initrd_bytes": files.get("initrd", {}).get("size"),
         "initrd_uncompressed_bytes": m.get("initrd", {}).get("uncompressed_bytes"),
-        "compression": m.get("initrd", {}).get("compression"),
+        "rootfs": root.get("format"),
+        "root_bytes": files.get("root", files.get("initrd", {})).get("size"),
+        "root_uncompressed_bytes": root.get("uncompressed_bytes"),
+        "compression": root.get("compression"),
+        "compression_level": root.get("level"),
+        "block_size": root.get("block_size"),
         "files": m.get("file_count", rootfs.get("files")),
         "executables": m.get("executables", []),
         "executables_count": len(m["executables"]) if "executables" in m
@@ -129,8 +144,14 @@ def _summary(image: Image) -> dict[str, Any]:
 def _print_summary(image: Image, s: dict[str, Any]) -> None:
     console.print(f"[bold green]built[/] {image.kind} image {', '.join(image.names)}  {image.digest}")
     if image.kind == "unikernel":
-        console.print(f"  kernel {_mb(s['kernel_bytes'])}, initrd {_mb(s['initrd_bytes'])} "
-                      f"({s['compression']}; {_mb(s['initrd_uncompressed_bytes'])} unpacked), "
+        how = str(s["compression"])
+        if s["compression_level"]:
+            how += f" -{s['compression_level']}"
+        if s["block_size"]:
+            how += f", {s['block_size'] >> 10} KiB blocks"
+        part = "root disk" if s["rootfs"] == "squashfs" else "initrd"
+        console.print(f"  kernel {_mb(s['kernel_bytes'])}, {part} {_mb(s['root_bytes'])} "
+                      f"({s['rootfs']}, {how}; {_mb(s['root_uncompressed_bytes'])} unpacked), "
                       f"{s['files']} files, {len(s['executables'])} executable(s): "
                       f"{', '.join(s['executables'])}")
     else:

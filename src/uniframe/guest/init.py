@@ -9,7 +9,7 @@ order what a distribution's init, udev and shutdown scripts would:
    (:mod:`.mounts`);
 2. read ``uniframe.*`` keys from ``/proc/cmdline`` (:mod:`.cmdline`);
 3. set the hostname, bring ``lo`` up, write ``/etc/hosts`` if the image has
-   none (:mod:`.net`);
+   none (:mod:`.net`; an image with a read-only root ships its own);
 4. warn if the kernel's random generator is not ready (:mod:`.entropy`);
 5. start the zombie reaper (:mod:`.reaper`), route SIGTERM and the console's
    ``uniframe:shutdown`` line to a graceful stop with a watchdog (:mod:`.stop`);
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import runpy
 import sys
@@ -189,14 +190,15 @@ def _setup_network(config: GuestConfig) -> None:
         net.interface_up("lo")
     except OSError as exc:
         say(f"warning: cannot bring up the loopback interface: {exc.strerror}")
-    if not os.path.exists("/etc/hosts"):
-        # glibc resolves "localhost" and the hostname from /etc/hosts only.
+    if not os.path.exists(net.HOSTS_PATH):
         try:
-            os.makedirs("/etc", exist_ok=True)
-            with open("/etc/hosts", "w") as f:
-                f.write(f"127.0.0.1\tlocalhost {config.hostname}\n::1\tlocalhost\n")
+            os.makedirs(os.path.dirname(net.HOSTS_PATH), exist_ok=True)
+            with open(net.HOSTS_PATH, "w") as f:
+                f.write(net.hosts_text(config.hostname))
         except OSError as exc:
-            say(f"warning: cannot write /etc/hosts: {exc.strerror}")
+            hint = ("; the root is read-only, so the image must ship it "
+                    "(uniframe.guest.net.hosts_text)" if exc.errno == errno.EROFS else "")
+            say(f"warning: cannot write {net.HOSTS_PATH}: {exc.strerror}{hint}")
 
 
 def _ready_line(config: GuestConfig, started: float, machine: bool) -> str:

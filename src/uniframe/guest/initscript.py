@@ -1,6 +1,8 @@
 """The ``/init`` script: the one file that ties the kernel to the guest init.
 
-The kernel executes ``/init`` of the initramfs as PID 1. A ``#!`` script lets
+The kernel executes ``/init`` as PID 1: the initramfs's own, or, for an image
+whose root is a read-only squashfs disk, the one ``init=/init`` names on the
+kernel command line. A ``#!`` script lets
 that PID 1 be the image's own Python, so the app later runs in that very
 process. The image builder calls :func:`render_init_script` with the
 interpreter and the ``sys.path`` it traced the app with.
@@ -11,7 +13,8 @@ Interpreter flags, ``-IBS``:
   ``key=value`` boot parameters into init's environment, and none of them
   should steer the interpreter), no user site, and neither the current
   directory nor the script's directory (``/``) is put on ``sys.path``.
-- ``-B``: never write ``__pycache__`` into the RAM-backed root. The builder
+- ``-B``: never write ``__pycache__`` into the root (RAM-backed, or
+  read-only). The builder
   should ship ``.pyc`` files compiled as unchecked-hash pycs: the archive's
   fixed mtimes would otherwise invalidate timestamp pycs and Python would
   recompile every module at every boot.
@@ -29,7 +32,14 @@ non-blocking ``getrandom`` and falls back to ``/dev/urandom``; see
 :mod:`uniframe.guest.entropy`), but that fallback needs ``/dev/urandom`` to
 exist before devtmpfs is mounted: the
 initramfs must carry ``dev/console`` (5:1), ``dev/null`` (1:3) and
-``dev/urandom`` (1:9) as device nodes (see :data:`DEVICE_NODES`).
+``dev/urandom`` (1:9) as device nodes (see :data:`DEVICE_NODES`). On a disk
+root the kernel itself mounts devtmpfs on ``/dev`` before ``/init`` runs
+(``CONFIG_DEVTMPFS_MOUNT``), which needs only the empty directory; the image
+carries the same nodes anyway, so both formats hold the same files.
+
+A read-only root cannot get a directory created at boot, so every mount point
+the init uses must be in the image (:data:`MOUNT_POINTS`), and so must
+``/etc/hosts`` (:func:`uniframe.guest.net.hosts_text`).
 """
 
 from __future__ import annotations

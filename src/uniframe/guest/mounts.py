@@ -1,15 +1,18 @@
 """The pseudo filesystems a Python app expects, mounted by PID 1.
 
-The kernel hands PID 1 a bare initramfs: no ``/proc`` (so no
+The kernel hands PID 1 a bare root (an initramfs, or a read-only disk with
+devtmpfs already on ``/dev``): no ``/proc`` (so no
 ``/proc/cmdline``, ``os.cpu_count`` falls back, ``/proc/self`` is missing),
 no ``/sys``, only the device nodes the archive carries, and no scratch
-space apart from the root itself. Nothing else will mount them.
+space apart from the root itself, if that is writable at all. Nothing else
+will mount them.
 
 Mounting is tolerant, because the same init also runs where someone already
 did part of the work (a container runtime, a test in a PID namespace): a
 target that is already a mount point is left alone, ``EBUSY`` counts as
 already mounted, a filesystem the kernel was built without (``ENODEV``) is
-reported and skipped, and a scratch directory that already holds files is
+reported and skipped, a missing mount point on a read-only root (``EROFS``)
+is reported and skipped, and a scratch directory that already holds files is
 not covered (the image shipped them; hiding them would lose data).
 """
 
@@ -51,6 +54,7 @@ MOUNTED = "mounted"
 ALREADY = "already mounted"
 NOT_EMPTY = "skipped: directory not empty"
 UNSUPPORTED = "skipped: filesystem not in this kernel"
+NO_MOUNT_POINT = "skipped: no mount point, and the root is read-only"
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,12 @@ def _mount_one(m: Mount, target: str, mount: MountFn) -> str:
         if not m.cover_files and os.listdir(target):
             return NOT_EMPTY
     else:
-        os.makedirs(target, mode=0o755)
+        try:
+            os.makedirs(target, mode=0o755)
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                return NO_MOUNT_POINT
+            raise
     try:
         mount(m.fstype, target, m.fstype, m.flags, m.data)
     except OSError as exc:

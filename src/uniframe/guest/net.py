@@ -43,3 +43,15 @@ def interface_is_up(name: str = "lo") -> bool:
 
 def set_hostname(name: str) -> None:
     socket.sethostname(name)
+
+
+HOSTS_PATH = "/etc/hosts"
+
+
+def hosts_text(hostname: str) -> str:
+    """``/etc/hosts`` naming ``localhost`` and ``hostname``: glibc resolves both from it only.
+
+    The init writes it at boot when the image has none; an image with a
+    read-only root must ship it, so the image builder writes the same text.
+    """
+    return f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n"

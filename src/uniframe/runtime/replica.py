@@ -23,7 +23,13 @@ def utcnow() -> str:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """The parts of an image a driver boots, plus how the user named it."""
+    """The parts of an image a driver boots, plus how the user named it.
+
+    A unikernel's root is either ``initrd`` (an initramfs QEMU loads) or
+    ``disk`` (a read-only root file system QEMU attaches as virtio-blk); the
+    part an image does not have is an empty ``Path()`` (``initrd``) or None
+    (``disk``), as kernel and initrd are for images that have neither.
+    """
 
     ref: str
     digest: str
@@ -32,18 +38,22 @@ class ImageRef:
     cmdline: str = ""
     kind: str = "unikernel"  # the image's kind: unikernel, oci, vm, process
     path: Path | None = None  # the image directory (or OCI layout, or disk) drivers read from
+    disk: Path | None = None  # a unikernel's read-only root disk
 
     def to_json(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "kernel": str(self.kernel),
                 "initrd": str(self.initrd), "cmdline": self.cmdline, "kind": self.kind,
-                "path": str(self.path) if self.path is not None else None}
+                "path": str(self.path) if self.path is not None else None,
+                "disk": str(self.disk) if self.disk is not None else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageRef:
         path = data.get("path")
+        disk = data.get("disk")  # absent in records written before disk roots
         return cls(str(data["ref"]), str(data["digest"]), Path(data["kernel"]),
                    Path(data["initrd"]), str(data.get("cmdline", "")),
-                   str(data.get("kind", "unikernel")), Path(path) if path else None)
+                   str(data.get("kind", "unikernel")), Path(path) if path else None,
+                   Path(disk) if disk else None)
 
 
 @dataclass(frozen=True)

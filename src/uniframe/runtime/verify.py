@@ -20,6 +20,7 @@ from typing import Any
 
 from uniframe.build.images import image_model_name, image_port
 from uniframe.build.store import Image
+from uniframe.build.unikernel import ROOT_ROLE
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.driver import IMAGE_KIND_RUNTIMES, Driver, driver_for_runtime
 from uniframe.runtime.ports import PortMapping
@@ -56,8 +57,13 @@ def image_ref(image: Image) -> ImageRef:
     """What a driver needs to know of a stored image, whatever its kind."""
     ref = image.names[0] if image.names else image.short
     if image.kind in ("unikernel", "vm"):
-        return ImageRef(ref=ref, digest=image.digest, kernel=image.kernel, initrd=image.initrd,
-                        cmdline=image.cmdline, kind=image.kind, path=image.dir)
+        files = image.manifest.get("files", {})
+        # a unikernel boots from an initramfs or from a read-only root disk
+        return ImageRef(ref=ref, digest=image.digest, kernel=image.kernel,
+                        initrd=image.initrd if "initrd" in files else Path(),
+                        cmdline=image.cmdline, kind=image.kind, path=image.dir,
+                        disk=image.file(ROOT_ROLE) if image.kind == "unikernel" and ROOT_ROLE in files
+                        else None)
     return ImageRef(ref=ref if image.names or image.kind != "oci" else str(image.dir),
                     digest=image.digest,
                     kernel=Path(), initrd=Path(), kind=image.kind, path=image.dir)

@@ -1,9 +1,9 @@
 """``kind: InferenceService``: one model served over OIP v2, built into an image by uniframe.
 
 The spec names *what* to serve and *how much* of it; everything about *how*
-(which kernel options, which files in the initramfs) is the builder's job. The
-few build options here (``kernel``, ``image.compression``) exist for users who
-must pin them.
+(which kernel options, which files in the image) is the builder's job. The
+few build options here (``kernel``, ``image.rootfs``, ``image.compression``)
+exist for users who must pin them.
 """
 
 from __future__ import annotations
@@ -214,7 +214,18 @@ class Server(StrictModel):
     max_body_size: Size = 64 * 1024**2
 
 
+RootFormat = Literal["squashfs", "initramfs"]
+"""How a unikernel image carries its root: a read-only squashfs disk, or an initramfs in RAM."""
+
+
 class ImageOptions(StrictModel):
+    """How the unikernel image is packaged; left out, the builder picks what measured best.
+
+    ``compression`` applies to either root format; unset, it is the fastest
+    booting one for the format (bench/README.md, "Unikernel").
+    """
+
+    rootfs: RootFormat = "squashfs"
     compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
 
 

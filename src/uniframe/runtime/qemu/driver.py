@@ -97,7 +97,8 @@ class QemuMicroVMDriver(Driver):
             raise RuntimeDriverError(f"unknown network mode {config.network!r}; use user or bridge")
         if config.cpus < 1 or config.memory_mib < 16:
             raise RuntimeDriverError(f"a microVM needs at least 1 CPU and 16Mi of memory (got {config.cpus} CPUs, {config.memory_mib}Mi)")
-        for path in (config.image.kernel, config.image.initrd):
+        image = config.image
+        for path in (image.kernel, image.disk if image.disk is not None else image.initrd):
             if not path.is_file():
                 raise RuntimeDriverError(f"image {config.image.ref}: {path} is missing; rebuild the image")
         names = {r.name for r in self.list()}
@@ -134,7 +135,8 @@ class QemuMicroVMDriver(Driver):
         console = replica.dir / CONSOLE_LOG
         log_offset = console.stat().st_size if console.exists() else 0
         vm = MicroVM(
-            qemu=qemu, kernel=config.image.kernel, initrd=config.image.initrd,
+            qemu=qemu, kernel=config.image.kernel, disk=config.image.disk,
+            initrd=config.image.initrd if config.image.disk is None else None,
             cmdline=kernel_cmdline(config.image.cmdline, [ip_arg]),
             cpus=config.cpus, memory_mib=config.memory_mib, accel=accel.name,
             netdev=(netdev,), serial=console_chardev(replica.dir / CONSOLE_SOCK, console),

@@ -37,6 +37,11 @@ DESIGN notes):
   reports the pages it frees (the compressed initrd once unpacked, init
   memory) and QEMU drops them, ~20 MB less RSS after boot. The balloon is
   never inflated; only the reporting is used.
+- A read-only root disk (``disk``) is a raw ``virtio-blk-device`` opened with
+  ``readonly=on``: the guest cannot write to the image, and QEMU then takes
+  only a shared lock on the file, so any number of replicas boot from the
+  same image file at once. It is read through the host's page cache
+  (``cache=writeback``, QEMU's default), which those replicas share.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class MicroVM:
     kernel: Path
     cmdline: str
     initrd: Path | None = None
+    disk: Path | None = None              # read-only root file system, the guest's /dev/vda
     cpus: int = 1
     memory_mib: int = 256
     accel: str = "tcg"
@@ -144,6 +150,9 @@ class MicroVM:
                 "-kernel", str(self.kernel), "-append", cmdline]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]
+        if self.disk is not None:
+            argv += ["-drive", f"if=none,id=root,file={qemu_opt(self.disk)},format=raw,readonly=on",
+                     "-device", "virtio-blk-device,drive=root"]
         argv += list(self.serial)
         if self.qmp_socket is not None:
             argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
