@@ -22,6 +22,7 @@ import pytest
 from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml
 
 from uniframe.build.examples import write_iris
+from uniframe.control.api_logs import tail
 from uniframe.control.api_routes import ROUTES
 from uniframe.control.daemon import MAX_BODY
 from uniframe.control.openapi import OPENAPI
@@ -91,6 +92,14 @@ def infer(port: int) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def test_tail_keeps_the_last_lines_across_chunks() -> None:
+    chunks = [b"one\ntw", b"o\nthree\n", b"four"]
+    assert tail(chunks, None) == (b"one\ntwo\nthree\nfour", 18)
+    assert tail(chunks, 2) == (b"three\nfour", 18)
+    assert tail(chunks, 0) == (b"", 18)
+    assert tail([b"a\n"], 5) == (b"a\n", 2)
 
 
 def test_route_table_and_openapi_document_agree() -> None:

@@ -80,7 +80,7 @@ def apply(
         suffix = " (dry run)" if dry_run else ""
         for item in applied:
             console.print(f"{item['kind']}/{item['name']} {item['action']}{suffix}",
-                          markup=False)
+                          markup=False, soft_wrap=True)
         if not wait or dry_run:
             return
         targets = [progress.Target(i["kind"], i["name"], i.get("revision_digest"))
@@ -127,4 +127,4 @@ def delete(
     with connect(daemon) as client:
         for kind, name in targets:
             deleted = client.delete(kind, name)["deleted"]
-            console.print(f"{deleted['kind']}/{deleted['name']} deleted", markup=False)
+            console.print(f"{deleted['kind']}/{deleted['name']} deleted", markup=False, soft_wrap=True)

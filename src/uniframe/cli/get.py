@@ -54,7 +54,7 @@ def _object_rows(objects: list[dict[str, Any]]) -> list[tuple[object, ...]]:
 
 def print_objects(objects: list[dict[str, Any]]) -> None:
     if not objects:
-        console.print("no objects; apply a spec with `uniframe apply -f FILE`", markup=False)
+        console.print("no objects; apply a spec with `uniframe apply -f FILE`", markup=False, soft_wrap=True)
         return
     print_table(("NAME", "KIND", "RUNTIME", "READY", "REVISION", "ROLLOUT", "ENDPOINT", "AGE"),
                 _object_rows(objects))
@@ -62,7 +62,7 @@ def print_objects(objects: list[dict[str, Any]]) -> None:
 
 def print_replicas(replicas: list[dict[str, Any]], with_object: bool = True) -> None:
     if not replicas:
-        console.print("no replicas", markup=False)
+        console.print("no replicas", markup=False, soft_wrap=True)
         return
     headers = ("ID", *(("OBJECT",) if with_object else ()), "DRIVER", "STATE", "RESTARTS",
                "PORT", "AGE", "LAST ERROR")
@@ -189,7 +189,7 @@ def describe(
 
 def print_events(events: list[dict[str, Any]], with_object: bool = False) -> None:
     if not events:
-        console.print("no events", markup=False)
+        console.print("no events", markup=False, soft_wrap=True)
         return
     headers = ("AGE", *(("OBJECT",) if with_object else ()), "TYPE", "REASON", "MESSAGE")
     print_table(headers, [

@@ -40,7 +40,7 @@ def tensors(tensors: list[dict[str, Any]]) -> str:
 def print_models(models: list[dict[str, Any]], name: str | None = None) -> None:
     if not models:
         console.print("no models" + (f" named {name}" if name else "")
-                      + "; push one with `uniframe model push FILE --name NAME`", markup=False)
+                      + "; push one with `uniframe model push FILE --name NAME`", markup=False, soft_wrap=True)
         return
     print_table(("NAME", "VERSION", "FORMAT", "SIZE", "SHA256", "INPUTS", "AGE"),
                 [(m["name"], m["version"], m["format"], f"{m['size']:,}", m["sha256"][:12],
@@ -72,10 +72,10 @@ def push(
         print_data(pushed, output)
     elif pushed["created"]:
         console.print(f"pushed {model['name']}@{model['version']}  ({model['format']}, "
-                      f"{model['size']} bytes, sha256 {model['sha256'][:12]})", markup=False)
+                      f"{model['size']} bytes, sha256 {model['sha256'][:12]})", markup=False, soft_wrap=True)
     else:
         console.print(f"{model['name']}@{model['version']} already holds these bytes "
-                      f"(sha256 {model['sha256'][:12]}); nothing pushed", markup=False)
+                      f"(sha256 {model['sha256'][:12]}); nothing pushed", markup=False, soft_wrap=True)
 
 
 @model_app.command("ls")
@@ -116,4 +116,4 @@ def rm(
     name, version = parse_ref(ref)
     with connect(daemon) as client:
         removed = client.remove_model(name, version)["removed"]
-    console.print(f"removed {removed['name']}@{removed['version']}", markup=False)
+    console.print(f"removed {removed['name']}@{removed['version']}", markup=False, soft_wrap=True)

@@ -75,7 +75,7 @@ def promote(
     if output != "table":
         print_data(rollout, output)
     else:
-        console.print(f"{kind}/{name} promoted: {rollout['message']}", markup=False)
+        console.print(f"{kind}/{name} promoted: {rollout['message']}", markup=False, soft_wrap=True)
 
 
 @rollout_app.command("undo")
@@ -96,7 +96,7 @@ def undo(
         return
     which = f"revision {to_revision}" if to_revision else "the previous revision"
     console.print(f"{kind}/{name} rolling back to {which} (generation {obj['generation']}); "
-                  f"follow it with `uniframe rollout status -w {name}`", markup=False)
+                  f"follow it with `uniframe rollout status -w {name}`", markup=False, soft_wrap=True)
 
 
 @rollout_app.command("history")
