@@ -20,7 +20,9 @@ import pytest
 
 from uniframe.build.examples import write_iris
 from uniframe.build.store import ImageStore
+from uniframe.control import rollouts
 from uniframe.control.reconciler import READY, Reconciler, backoff
+from uniframe.control.states import COMPLETE, FAILED
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store
 from uniframe.runtime.driver import driver_for
 from uniframe.spec import load_data
@@ -221,3 +223,22 @@ def until_true(check: Callable[[], bool], timeout: float) -> None:
     while not check():
         assert time.monotonic() < deadline, "not within the time limit"
         time.sleep(0.02)
+
+
+def test_a_first_deployment_that_cannot_start_fails_visibly_and_recovers_when_fixed(
+        setup: tuple[Store, Reconciler, Path]) -> None:
+    store, rec, model = setup
+    doc = iris_doc(model, 1)
+    doc["spec"]["env"] = {"PYTHONHOME": "/nonexistent"}  # type: ignore[index]
+    spec = load_data(doc).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", spec)
+    until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state == FAILED)
+    status = rollouts.status(store, "InferenceService", "iris")
+    assert "keeps dying" in status.message and "fix the spec" in status.message
+    fixed = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
+                                                          exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", fixed)
+    until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state
+          == COMPLETE and len(rs) == 1 and rs[0].state == READY)

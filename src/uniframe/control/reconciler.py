@@ -252,12 +252,14 @@ class Reconciler:
                and r.driver == driver_kind]
         old = [r for r in live if r not in new]
 
-        if rollout.state in (PROGRESSING, PAUSED, PROMOTED) and rollout.from_digest:
+        if rollout.state in (PROGRESSING, PAUSED, PROMOTED, FAILED):
             failure = self._failure(spec, new)
-            if failure is not None:
+            if failure is not None and rollout.from_digest:
                 self._roll_back(obj, rollout, failure)
                 self._sync_endpoint(obj, spec, live, None)
                 return
+            if failure is not None:
+                rollout = self._fail(obj, rollout, failure)  # a first deployment: no way back
 
         want = wanted_replicas(obj.spec)
         canary_on = rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
@@ -359,10 +361,7 @@ class Reconciler:
             target = next((r for r in tx.list_revisions(obj.kind, obj.name)
                            if r.digest == rollout.from_digest), None)
             if target is None:
-                if rollout.state != FAILED:
-                    tx.update_rollout(obj.kind, obj.name, state=FAILED,
-                                      message=f"{why}; no earlier revision to roll back to")
-                    tx.add_event(obj.kind, obj.name, "RolloutFailed", why, type="Warning")
+                self._fail_in(tx, obj, rollout, why)
                 return
             tx.apply_object(obj.kind, obj.name, with_revision(current.spec, target.spec))
             tx.update_rollout(obj.kind, obj.name, state=ROLLED_BACK,
@@ -372,10 +371,27 @@ class Reconciler:
                          f"applied revision {target.number} again")
         self.wake()
 
+    def _fail(self, obj: ObjectRecord, rollout: RolloutRecord, why: str) -> RolloutRecord:
+        with self.store.tx() as tx:
+            if tx.get_object(obj.kind, obj.name) is not None:
+                self._fail_in(tx, obj, rollout, why)
+            return tx.get_rollout(obj.kind, obj.name) or rollout
+
+    @staticmethod
+    def _fail_in(tx: Tx, obj: ObjectRecord, rollout: RolloutRecord, why: str) -> None:
+        """Mark the rollout failed once; its replicas keep being retried with back-off."""
+        if rollout.state == FAILED:
+            return
+        tx.update_rollout(obj.kind, obj.name, state=FAILED,
+                          message=f"{why}; no earlier revision to roll back to, so its replicas "
+                                  "keep being retried: fix the spec and apply it again")
+        tx.add_event(obj.kind, obj.name, "RolloutFailed", why, type="Warning")
+
     def _progress(self, obj: ObjectRecord, rollout: RolloutRecord, digest: str, want: int,
                   replicas: Sequence[ReplicaRecord]) -> None:
         """Move the rollout on (paused canary, complete) and keep its message current."""
-        if rollout.to_digest != digest or rollout.state not in (PROGRESSING, PROMOTED, PAUSED):
+        if rollout.to_digest != digest or rollout.state not in (PROGRESSING, PROMOTED, PAUSED,
+                                                                  FAILED):
             return
         new = [r for r in replicas if r.revision == digest]
         ready = sum(r.state == READY for r in new)
@@ -390,8 +406,8 @@ class Reconciler:
             message = (f"canary ready: {ready} replica(s) take {rollout.traffic_percent}% of "
                        f"requests; `uniframe rollout promote {obj.name}` or "
                        f"`uniframe rollout undo {obj.name}`")
-        elif rollout.state == PAUSED:
-            return
+        elif rollout.state in (PAUSED, FAILED):
+            return  # a paused canary waits for the user; a failed rollout keeps its reason
         else:
             message = f"{ready} of {want} updated replicas ready, {old} old left"
         if state == rollout.state and message == rollout.message:
