@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,3 +115,14 @@ def running_daemon(store_target: str | Path, root: Path, *,
             thread.join(timeout=60)
             store.close()
             kill_strays(root)
+
+
+def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    """Poll ``check`` until it returns something true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)

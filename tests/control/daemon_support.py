@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control_helpers import until
+
 from uniframe.build.examples import write_iris
 from uniframe.control import rollouts
 from uniframe.control.registry import Registry
@@ -90,15 +92,6 @@ spec:
   {env}
 """
 
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
 
 
 @dataclass

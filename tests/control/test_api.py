@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml
+from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml, until
 
 from uniframe.build.examples import write_iris
 from uniframe.control.api_logs import tail
@@ -51,15 +50,6 @@ def http(live: LiveDaemon) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live.url, timeout=30) as client:
         yield client
 
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
 
 
 def ok(response: httpx.Response, status: int = 200) -> Any:

@@ -14,15 +14,14 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml
+from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml, until
 from typer.testing import CliRunner, Result
 
 import uniframe.cli.main  # registers every command
@@ -66,15 +65,6 @@ def api(live: LiveDaemon, path: str) -> Any:
     assert response.status_code == 200, response.text
     return response.json()
 
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
 
 
 def test_without_a_daemon_every_command_says_how_to_start_one(

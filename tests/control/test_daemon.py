@@ -17,13 +17,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from control_helpers import kill_strays
+from control_helpers import kill_strays, until
 
 from uniframe.build.examples import write_iris
 from uniframe.runtime.verify import free_port
@@ -91,15 +91,6 @@ def servers(env: Env) -> dict[int, int]:
             found[int(d.name)] = int(argv[argv.index("--port") + 1])
     return found
 
-
-def until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
 
 
 def replicas(env: Env) -> list[dict[str, Any]]:
