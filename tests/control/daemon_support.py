@@ -72,6 +72,12 @@ class Daemon:
         except urllib.error.HTTPError as exc:
             raise AssertionError(exc.read().decode()) from None
 
+    def delete(self, kind: str, name: str) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/objects/{kind}/{name}",
+                                     method="DELETE")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
     def log(self) -> str:
         return (self.root / "daemon.log").read_text(errors="replace")
 

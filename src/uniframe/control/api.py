@@ -23,14 +23,13 @@ from typing import Any
 from uniframe.control import rollouts
 from uniframe.control.api_logs import LogSource, object_log, replica_log
 from uniframe.control.api_views import object_json, replica_json
-from uniframe.control.reconciler import SERVICE_KIND, Reconciler
+from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import Driver, driver_for
 from uniframe.spec.loader import check_text
 
-RUN_KINDS = (SERVICE_KIND,)
 
 
 class ApiError(Exception):
@@ -72,7 +71,7 @@ class Api:
         errors = [{"document": p.index, "path": p.path, "message": p.message,
                    "line": p.line, "column": p.column} for p in report.problems]
         errors += [{"document": d.index, "path": "kind", "line": None, "column": None,
-                    "message": f"the daemon runs only {', '.join(RUN_KINDS)} so far"}
+                    "message": f"the daemon runs {' and '.join(RUN_KINDS)} objects, not {d.kind}"}
                    for d in report.documents if d.kind not in RUN_KINDS]
         if errors:
             raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, "the spec is not valid",
@@ -112,8 +111,9 @@ class Api:
 
     def _object_json(self, tx: Tx, obj: ObjectRecord) -> dict[str, Any]:
         replicas = tx.list_replicas(obj.kind, obj.name)
-        rollout = self._rollout_json(tx, obj) if obj.kind == SERVICE_KIND else None
-        out = object_json(obj, replicas, tx.get_endpoint(obj.name), rollout)
+        rollout = self._rollout_json(tx, obj) if obj.kind in RUN_KINDS else None
+        endpoint = tx.get_endpoint(obj.name) if obj.kind == SERVICE_KIND else None
+        out = object_json(obj, replicas, endpoint, rollout)
         out["status"]["revision_digest"] = rollouts.revision_digest(obj.spec)
         return out
 

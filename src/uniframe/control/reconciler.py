@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from uniframe.build.images import build_image, image_port
+from uniframe.build.images import build_image
 from uniframe.build.store import Image, ImageStore
 from uniframe.control import planner
 from uniframe.control.endpoints import Endpoints
-from uniframe.control.health import Liveness, probe
+from uniframe.control.health import Liveness
 from uniframe.control.proxy import Backend
 from uniframe.control.rollouts import revision_digest, wanted_replicas, with_revision
 from uniframe.control.states import (
@@ -63,23 +63,23 @@ from uniframe.control.states import (
     STARTING,
 )
 from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
+from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
 from uniframe.errors import UniframeError
 from uniframe.runtime.driver import (
     IMAGE_KIND_RUNTIMES,
-    RUNTIME_DRIVERS,
     Driver,
     ReplicaNotFoundError,
     driver_for,
 )
-from uniframe.runtime.ports import PortMapping
-from uniframe.runtime.replica import ReplicaConfig, ReplicaState
-from uniframe.runtime.verify import free_port, image_ref
-from uniframe.spec import InferenceService, load_data
-from uniframe.spec.service import InferenceServiceSpec
+from uniframe.runtime.replica import ReplicaState
+from uniframe.spec import InferenceService, Workload, load_data
 
-__all__ = ["READY", "SERVICE_KIND", "PassResult", "Reconciler", "backoff"]
+__all__ = ["READY", "RUN_KINDS", "SERVICE_KIND", "WORKLOAD_KIND", "PassResult", "Reconciler",
+           "backoff"]
 
 SERVICE_KIND = "InferenceService"
+WORKLOAD_KIND = "Workload"
+RUN_KINDS = (SERVICE_KIND, WORKLOAD_KIND)
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 CRASH_LOOP_AFTER = 3
@@ -173,7 +173,7 @@ class Reconciler:
     def _dispatch(self) -> list[Future[bool]]:
         """Start a pass for every object that has none running; return the started ones."""
         with self.store.tx(readonly=True) as tx:
-            objects = tx.list_objects(SERVICE_KIND, include_deleted=True)
+            objects = [o for o in tx.list_objects(include_deleted=True) if o.kind in RUN_KINDS]
         started: list[Future[bool]] = []
         with self._lock:
             for obj in objects:
@@ -227,49 +227,50 @@ class Reconciler:
         if obj.deleted:
             self._delete(obj)
             return
-        service = load_data(obj.spec, obj.ref).spec
-        assert isinstance(service, InferenceService)
-        spec = service.spec
+        doc = load_data(obj.spec, obj.ref).spec
+        assert isinstance(doc, InferenceService | Workload)
         digest = revision_digest(obj.spec)
         with self.store.tx() as tx:
             earlier = {r.digest for r in tx.list_revisions(obj.kind, obj.name)[:-1]}
             tx.record_revision(obj.kind, obj.name, digest, obj.spec)
             replicas = tx.list_replicas(obj.kind, obj.name)
-            rollout = self._track_rollout(tx, obj, spec, digest, replicas,
+            rollout = self._track_rollout(tx, obj, rules_of(doc), digest, replicas,
                                           returning=digest in earlier)
-        image = self._image(obj, service, digest)
-        driver_kind = RUNTIME_DRIVERS[spec.runtime]
+        target = (service_target(doc, self._image(obj, doc, digest))
+                  if isinstance(doc, InferenceService) else workload_target(doc, digest))
 
         live: list[ReplicaRecord] = []
         for rec in replicas:
-            if not rec.revision and rec.image_digest == image.digest and rec.driver == driver_kind:
+            if (not rec.revision and rec.image_digest == target.image_digest
+                    and rec.driver == target.driver_kind):
                 with self.store.tx() as tx:  # recorded before revisions existed: adopt it
                     rec = tx.update_replica(rec.id, revision=digest)
-            seen = self._observe(obj, spec, rec)
+            seen = self._observe(obj, target, rec)
             if seen is not None:
                 live.append(seen)
-        new = [r for r in live if r.revision == digest and r.image_digest == image.digest
-               and r.driver == driver_kind]
+        new = [r for r in live if r.revision == digest and r.image_digest == target.image_digest
+               and r.driver == target.driver_kind]
         old = [r for r in live if r not in new]
 
         if rollout.state in (PROGRESSING, PAUSED, PROMOTED, FAILED):
-            failure = self._failure(spec, new)
+            failure = self._failure(target.rules.deadline, new)
             if failure is not None and rollout.from_digest:
                 self._roll_back(obj, rollout, failure)
-                self._sync_endpoint(obj, spec, live, None)
+                self._sync_endpoint(obj, target, live, None)
                 return
             if failure is not None:
                 rollout = self._fail(obj, rollout, failure)  # a first deployment: no way back
 
         want = wanted_replicas(obj.spec)
-        canary_on = rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
+        canary_on = (rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
+                     and target.endpoint)
         percent = rollout.traffic_percent or 0
         if not old:
             step = planner.scale(want, new)
         elif canary_on:
             step = planner.canary(want, percent, new, old)
         else:
-            rules = spec.rollout
+            rules = target.rules
             step = planner.rolling(
                 want, planner.resolve(rules.max_surge, want, round_up=True),
                 planner.resolve(rules.max_unavailable, want, round_up=False), new, old)
@@ -277,15 +278,15 @@ class Reconciler:
                                    sorted({_group(r.revision) for r in old}))
                    if canary_on and old else None)
 
-        endpoint_error = self._sync_endpoint(obj, spec, live, weights)
+        endpoint_error = self._sync_endpoint(obj, target, live, weights)
         for rec in step.remove:
             self._retire(obj, rec, "scaled down" if rec in new else
                          f"replaced by revision {_group(digest)}")
         for _ in range(step.create):
-            self._create(obj, driver_kind, image, digest)
+            self._create(obj, target, digest)
         with self.store.tx(readonly=True) as tx:
             replicas = tx.list_replicas(obj.kind, obj.name)
-        endpoint_error = self._sync_endpoint(obj, spec, replicas, weights) or endpoint_error
+        endpoint_error = self._sync_endpoint(obj, target, replicas, weights) or endpoint_error
         self._progress(obj, rollout, digest, want, replicas)
         if endpoint_error is not None:
             raise endpoint_error
@@ -295,7 +296,8 @@ class Reconciler:
             replicas = tx.list_replicas(obj.kind, obj.name)
         for rec in replicas:
             self._retire(obj, rec, "object deleted")
-        self.endpoints.remove(obj.name)
+        if obj.kind == SERVICE_KIND:
+            self.endpoints.remove(obj.name)
         with self.store.tx() as tx:
             current = tx.get_object(obj.kind, obj.name, include_deleted=True)
             if current is not None and current.deleted and not tx.list_replicas(obj.kind, obj.name):
@@ -303,7 +305,7 @@ class Reconciler:
 
     # -- rollouts ----------------------------------------------------------------------------
 
-    def _track_rollout(self, tx: Tx, obj: ObjectRecord, spec: InferenceServiceSpec, digest: str,
+    def _track_rollout(self, tx: Tx, obj: ObjectRecord, rules: Rules, digest: str,
                        replicas: Sequence[ReplicaRecord], *, returning: bool) -> RolloutRecord:
         """The object's rollout towards ``digest``, started here if the spec's revision is new.
 
@@ -324,12 +326,10 @@ class Reconciler:
             start_from = rollout.to_digest
         else:
             start_from = rollout.from_digest or rollout.to_digest
-        strategy = spec.rollout.strategy if has_old and not returning else "rolling"
-        percent = spec.rollout.canary.traffic_percent if (
-            strategy == "canary" and spec.rollout.canary is not None) else None
+        strategy = rules.strategy if has_old and not returning else "rolling"
+        percent = rules.traffic_percent if strategy == "canary" else None
         how = (f"canary taking {percent}% of requests" if percent is not None else
-               f"rolling, maxSurge {spec.rollout.max_surge}, "
-               f"maxUnavailable {spec.rollout.max_unavailable}")
+               f"rolling, maxSurge {rules.max_surge}, maxUnavailable {rules.max_unavailable}")
         target = numbers.get(digest)
         message = (f"revision {target}: {how}" if has_old or start_from
                    else f"revision {target}: first deployment")
@@ -341,9 +341,8 @@ class Reconciler:
                                 if start_from in numbers else ""))
         return rollout
 
-    def _failure(self, spec: InferenceServiceSpec, new: Sequence[ReplicaRecord]) -> str | None:
+    def _failure(self, deadline: float, new: Sequence[ReplicaRecord]) -> str | None:
         """Why the rollout's new replicas count as failed, or None while they may still come up."""
-        deadline = spec.rollout.progress_deadline_seconds
         now = time.time()
         for r in new:
             if r.state == CRASH_LOOP or (r.state == CRASHED and r.restarts + 1 >= ROLLBACK_AFTER_DEATHS):
@@ -440,22 +439,17 @@ class Reconciler:
         self._image_cache[key] = image
         return image
 
-    def _create(self, obj: ObjectRecord, driver_kind: str, image: Image, revision: str) -> None:
-        driver = self._driver(driver_kind)
-        port = free_port()
-        resources = image.manifest.get("resources", {})
-        config = ReplicaConfig(
-            image=image_ref(image), cpus=max(1, round(float(resources.get("cpus", 1)))),
-            memory_mib=max(256, int(resources.get("memory", 256 << 20)) >> 20),
-            ports=(PortMapping(port, image_port(image)),))
-        replica = driver.create(config)
+    def _create(self, obj: ObjectRecord, target: Target, revision: str) -> None:
+        driver = self._driver(target.driver_kind)
+        replica, port = target.make(driver)
         try:
             with self.store.tx() as tx:
-                tx.add_replica(replica.id, obj.kind, obj.name, driver=driver_kind,
-                               image_digest=image.digest, state=PENDING, host_port=port,
+                tx.add_replica(replica.id, obj.kind, obj.name, driver=target.driver_kind,
+                               image_digest=target.image_digest, state=PENDING, host_port=port,
                                revision=revision)
                 tx.add_event(obj.kind, obj.name, "ReplicaCreated",
-                             f"{replica.id} on port {port}", replica_id=replica.id)
+                             f"{replica.id}" + (f" on port {port}" if port else ""),
+                             replica_id=replica.id)
         except BaseException:
             with contextlib.suppress(UniframeError):
                 driver.remove(replica.id, force=True)
@@ -479,7 +473,7 @@ class Reconciler:
             tx.add_event(obj.kind, obj.name, reason, f"replica {replica_id}",
                          replica_id=replica_id)
 
-    def _observe(self, obj: ObjectRecord, spec: InferenceServiceSpec,
+    def _observe(self, obj: ObjectRecord, target: Target,
                  rec: ReplicaRecord) -> ReplicaRecord | None:
         """Bring one recorded replica's state up to date; None if it was cleaned away."""
         driver = self._driver(rec.driver)
@@ -494,7 +488,7 @@ class Reconciler:
                              replica_id=rec.id)
             return None
         if status.state is ReplicaState.RUNNING:
-            return self._check_health(obj, spec, rec, driver)
+            return self._check_health(obj, target, rec, driver)
         if status.state is ReplicaState.CREATED and rec.state == PENDING:
             # the daemon died between recording and starting it
             self._start(obj, rec.id, driver, "Started")
@@ -502,29 +496,26 @@ class Reconciler:
         return self._crashed(obj, rec, driver, status.detail or status.state.value,
                              status.exit_status, _started_seconds_ago(started_at))
 
-    def _check_health(self, obj: ObjectRecord, spec: InferenceServiceSpec, rec: ReplicaRecord,
+    def _check_health(self, obj: ObjectRecord, target: Target, rec: ReplicaRecord,
                       driver: Driver) -> ReplicaRecord:
         """Readiness until the replica is ready, then liveness every ``periodSeconds``."""
-        check = spec.health_check
-        if rec.host_port is None:
-            return rec
+        health = target.health
         if rec.state != READY:
-            if probe(rec.host_port, check.path, check.timeout_seconds):
-                self.liveness.observe(rec.id, True, check.period_seconds)
+            if target.probe(rec):
+                self.liveness.observe(rec.id, True, health.period)
                 with self.store.tx() as tx:
                     rec = tx.update_replica(rec.id, state=READY, last_error="")
-                    tx.add_event(obj.kind, obj.name, "Ready",
-                                 f"{rec.id} answers on port {rec.host_port}", replica_id=rec.id)
+                    where = f" on port {rec.host_port}" if rec.host_port else ""
+                    tx.add_event(obj.kind, obj.name, "Ready", f"{rec.id} answers{where}",
+                                 replica_id=rec.id)
             return rec
         if not self.liveness.due(rec.id):
             return rec
-        assert rec.host_port is not None
-        failures = self.liveness.observe(
-            rec.id, probe(rec.host_port, check.path, check.timeout_seconds), check.period_seconds)
-        if failures < check.failure_threshold:
+        failures = self.liveness.observe(rec.id, target.probe(rec), health.period)
+        if failures < health.failure_threshold:
             return rec
-        why = (f"{failures} health checks in a row failed (GET {check.path}, "
-               f"timeout {check.timeout_seconds:g} s)")
+        why = (f"{failures} health checks in a row failed ({health.describe}, "
+               f"timeout {health.timeout:g} s)")
         self.endpoints.drain(obj.name, rec.id, wait=0)
         with contextlib.suppress(UniframeError):
             driver.stop(rec.id, timeout=HUNG_STOP_TIMEOUT)
@@ -575,15 +566,17 @@ class Reconciler:
             tx.add_event(obj.kind, obj.name, "ReplicaRemoved", f"{rec.id}: {why}",
                          replica_id=rec.id)
 
-    def _sync_endpoint(self, obj: ObjectRecord, spec: InferenceServiceSpec,
+    def _sync_endpoint(self, obj: ObjectRecord, target: Target,
                        replicas: Sequence[ReplicaRecord],
                        weights: dict[str, int] | None) -> UniframeError | None:
         """Tell the endpoint the replicas; a failure is returned, so replicas are still managed."""
+        if not target.endpoint:
+            return None
         backends = [Backend(r.id, "127.0.0.1", r.host_port, group=_group(r.revision),
                             ready=r.state == READY)
                     for r in replicas if r.host_port is not None]
         try:
-            self.endpoints.sync(obj.name, spec.service_port, backends, weights)
+            self.endpoints.sync(obj.name, target.service_port, backends, weights)
         except UniframeError as exc:
             return exc
         return None

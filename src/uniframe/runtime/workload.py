@@ -26,45 +26,53 @@ def _ports(workload: Workload, replicas: int) -> list[tuple[PortMapping, ...]]:
         raise RuntimeDriverError(
             f"{workload.metadata.name}: spec.ports: host port {fixed[0].host} can be published by "
             f"one replica only, and replicas is {replicas}; omit host to pick free ports")
-    return [tuple(PortMapping(p.host or free_port(), p.guest, "127.0.0.1", p.protocol)
-                  for p in workload.spec.ports) for _ in range(replicas)]
+    return [workload_ports(workload) for _ in range(replicas)]
 
 
 def _memory_mib(workload: Workload) -> int:
     return max(1, int(workload.spec.resources.memory) >> 20)
 
 
+def workload_ports(workload: Workload) -> tuple[PortMapping, ...]:
+    """One replica's published ports: the fixed host ports, or free ones picked now."""
+    return tuple(PortMapping(p.host or free_port(), p.guest, "127.0.0.1", p.protocol)
+                 for p in workload.spec.ports)
+
+
+def create_replica(workload: Workload, driver: Driver, name: str | None,
+                   ports: tuple[PortMapping, ...]) -> Replica:
+    """Create (not start) one replica of ``workload`` under ``driver`` (its runtime's)."""
+    spec = workload.spec
+    source = image_source(str(spec.image))
+    if spec.runtime == "vm" and source == "disk":
+        from dataclasses import replace
+
+        from uniframe.runtime.vm.config import VMConfig
+        from uniframe.runtime.vm.driver import QemuVMDriver
+
+        assert isinstance(driver, QemuVMDriver)
+        vm = replace(VMConfig.from_workload(workload, name=name), ports=ports)
+        return driver.create(vm)
+    if source in ("oci-layout", "oci-archive"):
+        ref = ImageRef(str(spec.image), "", Path(), Path(), kind="oci", path=Path(spec.image))
+    else:
+        ref = image_ref(ImageStore().resolve(str(spec.image)))
+    config = ReplicaConfig(
+        image=ref, name=name, cpus=max(1, round(spec.resources.cpus)),
+        memory_mib=_memory_mib(workload), ports=ports,
+        command=tuple(spec.command) if spec.command else None,
+        args=tuple(spec.args) if spec.args else None, env=tuple(sorted(spec.env.items())))
+    return driver.create(config)
+
+
 def create_workload(workload: Workload, *, root: Path | None = None) -> list[tuple[Driver, Replica]]:
     """Create (not start) the workload's replicas; return them with their drivers."""
-    spec = workload.spec
-    replicas = spec.replicas if spec.replicas is not None else 1
-    source = image_source(str(spec.image))
-    runtime = spec.runtime
-    driver = driver_for_runtime(runtime, root)
-    cpus = max(1, round(spec.resources.cpus))
-    env = tuple(sorted(spec.env.items()))
+    replicas = workload.spec.replicas
+    driver = driver_for_runtime(workload.spec.runtime, root)
     out: list[tuple[Driver, Replica]] = []
     for i, ports in enumerate(_ports(workload, replicas)):
         name = workload.metadata.name if replicas == 1 else f"{workload.metadata.name}-{i}"
-        if runtime == "vm" and source == "disk":
-            from dataclasses import replace
-
-            from uniframe.runtime.vm.config import VMConfig
-            from uniframe.runtime.vm.driver import QemuVMDriver
-
-            assert isinstance(driver, QemuVMDriver)
-            vm = replace(VMConfig.from_workload(workload, name=name), ports=ports)
-            out.append((driver, driver.create(vm)))
-            continue
-        if source in ("oci-layout", "oci-archive"):
-            ref = ImageRef(str(spec.image), "", Path(), Path(), kind="oci", path=Path(spec.image))
-        else:
-            ref = image_ref(ImageStore().resolve(str(spec.image)))
-        config = ReplicaConfig(
-            image=ref, name=name, cpus=cpus, memory_mib=_memory_mib(workload), ports=ports,
-            command=tuple(spec.command) if spec.command else None,
-            args=tuple(spec.args) if spec.args else None, env=env)
-        out.append((driver, driver.create(config)))
+        out.append((driver, create_replica(workload, driver, name, ports)))
     return out
 
 
