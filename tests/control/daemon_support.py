@@ -72,6 +72,13 @@ class Daemon:
         except urllib.error.HTTPError as exc:
             raise AssertionError(exc.read().decode()) from None
 
+    def metrics(self) -> dict[str, float]:
+        """The daemon's /metrics samples by series name with labels."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
     def delete(self, kind: str, name: str) -> None:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/objects/{kind}/{name}",
                                      method="DELETE")

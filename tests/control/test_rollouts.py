@@ -83,6 +83,10 @@ def test_rolling_update_and_replica_kill_under_load_fail_no_request(daemon: Daem
         assert endpoint_pid(d) == ep_pid  # adopted, not restarted
     assert load.failures == [], load.failures[:5]
     assert load.total() - before > 200
+    metrics = d.metrics()
+    assert metrics['uniframe_rollouts{state="complete"}'] == 1
+    assert metrics['uniframe_endpoint_backends_eligible{service="iris"}'] == 2
+    assert metrics['uniframe_endpoint_requests_total{service="iris"}'] > 100  # since re-adoption
     assert set(load.versions) == {"1", "2"}
     assert len(server_pids(d.root)) == 2  # no duplicate after the daemon's restart
     assert {r.revision for r in replicas(d)} == {revision_digest(d, 2)}

@@ -14,7 +14,8 @@ registry's own messages reach the user unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from http import HTTPStatus
 from pathlib import Path
@@ -23,13 +24,13 @@ from typing import Any
 from uniframe.control import rollouts
 from uniframe.control.api_logs import LogSource, object_log, replica_log
 from uniframe.control.api_views import object_json, replica_json
+from uniframe.control.proxy import EndpointStatus
 from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import Driver, driver_for
 from uniframe.spec.loader import check_text
-
 
 
 class ApiError(Exception):
@@ -252,6 +253,8 @@ class Api:
         with self.store.tx(readonly=True) as tx:
             objects = tx.list_objects()
             replicas = tx.list_replicas()
+            latest = [tx.get_rollout(o.kind, o.name) for o in objects]
+        rollout_states = Counter(r.state for r in latest if r is not None)
         states: dict[str, int] = {}
         for r in replicas:
             states[r.state] = states.get(r.state, 0) + 1
@@ -275,5 +278,29 @@ class Api:
             "# HELP uniframe_reconcile_last_pass_seconds Duration of the last pass.",
             "# TYPE uniframe_reconcile_last_pass_seconds gauge",
             f"uniframe_reconcile_last_pass_seconds {rec.last_pass_seconds:.6f}",
+            "# HELP uniframe_rollouts Objects by the state of their latest rollout.",
+            "# TYPE uniframe_rollouts gauge",
+            *(f'uniframe_rollouts{{state="{s}"}} {n}' for s, n in sorted(rollout_states.items())),
+            *_endpoint_metrics(rec.endpoints.statuses()),
         ]
         return "\n".join(lines) + "\n"
+
+
+def _endpoint_metrics(statuses: dict[str, EndpointStatus]) -> list[str]:
+    """Each service endpoint's own counters, labelled by service (the data path's view)."""
+    series: list[tuple[str, str, str, Callable[[EndpointStatus], int]]] = [
+        ("uniframe_endpoint_requests_total", "counter", "Requests the endpoint answered.",
+         lambda st: st.requests),
+        ("uniframe_endpoint_retries_total", "counter",
+         "Requests retried on another replica after theirs failed.", lambda st: st.retries),
+        ("uniframe_endpoint_upstream_errors_total", "counter",
+         "Replica connections that failed.", lambda st: st.upstream_errors),
+        ("uniframe_endpoint_backends_eligible", "gauge",
+         "Replicas the endpoint sends traffic to now.",
+         lambda st: sum(b.eligible for b in st.backends)),
+    ]
+    lines: list[str] = []
+    for name, kind, text, value in series:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{service="{svc}"}} {value(st)}' for svc, st in statuses.items()]
+    return lines

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from uniframe.control.proxy import Backend, Endpoint, EndpointError
+from uniframe.control.proxy import Backend, Endpoint, EndpointError, EndpointStatus
 from uniframe.control.store import Store
 from uniframe.paths import state_dir
 from uniframe.runtime.verify import free_port
@@ -126,6 +126,16 @@ class Endpoints:
             self.control_path(service).unlink()
         with self.store.tx() as tx:
             tx.release_endpoint(service)
+
+    def statuses(self) -> dict[str, EndpointStatus]:
+        """Each endpoint this daemon holds, as it reports itself (those not answering are left out)."""
+        with self._lock:
+            live = dict(self._live)
+        out: dict[str, EndpointStatus] = {}
+        for service, ep in sorted(live.items()):
+            with contextlib.suppress(EndpointError):
+                out[service] = ep.status()
+        return out
 
     def url(self, service: str) -> str | None:
         with self._lock:
