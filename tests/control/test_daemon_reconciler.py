@@ -242,3 +242,26 @@ def test_a_first_deployment_that_cannot_start_fails_visibly_and_recovers_when_fi
         tx.apply_object("InferenceService", "iris", fixed)
     until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state
           == COMPLETE and len(rs) == 1 and rs[0].state == READY)
+
+
+def test_a_killed_endpoint_comes_back_on_the_same_port(
+        setup: tuple[Store, Reconciler, Path]) -> None:
+    store, rec, model = setup
+    spec = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
+                                                         exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", spec)
+    until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
+    with store.tx(readonly=True) as tx:
+        endpoint = tx.get_endpoint("iris")
+    assert endpoint is not None
+    assert "outputs" in infer(endpoint.host_port)
+    ep = rec.endpoints.ensure("iris")
+    assert ep.pid is not None
+    os.kill(ep.pid, signal.SIGKILL)
+    if ep.process is not None:
+        ep.process.wait()  # reap it: this process started it
+    rec.reconcile_once()
+    again = rec.endpoints.ensure("iris")
+    assert again.pid != ep.pid and again.port == endpoint.host_port
+    assert "outputs" in infer(endpoint.host_port)
