@@ -164,6 +164,10 @@ def test_a_hung_replica_fails_its_liveness_checks_and_is_restarted(
     os.killpg(pid, signal.SIGSTOP)  # alive to the driver, deaf to HTTP
     try:
         (after,) = until(rec, store, lambda rs: rs[0].restarts == 1 and rs[0].state == READY)
+    except AssertionError:
+        with store.tx(readonly=True) as tx:
+            print("\n".join(f"{e.time:.2f} {e.reason}: {e.message}" for e in tx.events()))
+        raise
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGCONT)

@@ -33,7 +33,7 @@ from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
 from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import ensure_free
-from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.process import ProcessRef, wait_group_gone
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
 
 LOG = "output.log"
@@ -163,6 +163,7 @@ class ProcessDriver(Driver):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(replica.pid, signal.SIGKILL)
             status = self.wait(ref, 5)
+        wait_group_gone(replica.pid, 5)  # the server too, not only the shim: it holds the port
         return status
 
     def remove(self, ref: str, force: bool = False) -> Replica:

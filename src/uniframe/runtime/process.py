@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,31 @@ class ProcessRef:
         except ProcessLookupError:
             return False
         return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until every process of group ``pgid`` has exited; True if they all did in time.
+
+    A killed group's leader can be gone while a member is still being torn
+    down, holding its listening socket: a restart right then finds the port taken.
+    """
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def launched_alive(pid: int | None, start_time: int | None,
