@@ -69,6 +69,17 @@ def test_service_unit_runs_the_server_and_restarts_it_on_failure() -> None:
     assert "WantedBy=multi-user.target" in unit
 
 
+def test_service_unit_carries_the_specs_server_arguments_and_env() -> None:
+    app = VMApp("iris", Path("iris.onnx"), port=9000,
+                args=("--name", "iris", "--model-version", "2", "--port", "9000", "--threads", "2"),
+                env=(("GREETING", 'say "hi" 100% $HOME'), ("PLAIN", "/opt/x")))
+    unit = service_unit(app)
+    assert ("ExecStart=/usr/bin/python3 -m uniframe.serve /srv/model/iris.onnx --name iris "
+            "--model-version 2 --port 9000 --threads 2\n") in unit
+    assert 'Environment="GREETING=say \\"hi\\" 100%% $HOME"\n' in unit  # systemd unquotes it
+    assert "Environment=PLAIN=/opt/x\n" in unit
+
+
 def test_rootfs_stats_count_files_executables_setuid_and_packages(tmp_path: Path) -> None:
     stats = rootfs_stats(_tree(tmp_path / "root"))
     assert stats.files == 5          # hostname, tool, su, wall, dpkg status (the symlink is not a file)

@@ -1,4 +1,4 @@
-"""A unikernel service and a container service under the real daemon, end to end.
+"""A unikernel, a container and a full-VM service under the real daemon, end to end.
 
 The same control plane that the process-runtime tests exercise, on the
 runtimes that take real time: the daemon builds the image itself, boots it
@@ -29,6 +29,7 @@ from uniframe.runtime.driver import RUNTIME_DRIVERS, driver_for
 RUNTIMES = [
     pytest.param("container", marks=[pytest.mark.root, pytest.mark.slow]),
     pytest.param("unikernel", marks=[pytest.mark.qemu, pytest.mark.slow]),
+    pytest.param("vm", marks=[pytest.mark.qemu, pytest.mark.slow, pytest.mark.root]),
 ]
 
 

@@ -63,7 +63,7 @@ def build_image(
             return build_conventional_container(service, source_digest, store, say)
         return build_container(service, source_digest, store, say)
     if runtime == "vm":
-        return build_vm(service, store, say)
+        return build_vm(service, source_digest, store, say)
     if runtime == "process":
         return build_process(service, source_digest, store, say)
     raise BuildError(f"unknown runtime {runtime!r}; use unikernel, container, vm or process")
@@ -127,7 +127,8 @@ def build_conventional_container(service: InferenceService, source_digest: str,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def build_vm(service: InferenceService, store: ImageStore, say: Progress) -> Image:
+def build_vm(service: InferenceService, source_digest: str, store: ImageStore,
+             say: Progress) -> Image:
     """A Debian bookworm disk with the server as a systemd service (full VM under QEMU q35)."""
     from uniframe.build.vmdisk import VMApp, build_vm_image
 
@@ -135,8 +136,11 @@ def build_vm(service: InferenceService, store: ImageStore, say: Progress) -> Ima
     try:
         model = resolve_model(service, staging / "model")
         say("debootstrap, systemd, python and the server into an ext4 disk (base cached)")
-        return build_vm_image(VMApp(model.name, model.path, service.spec.port), store,
-                              f"{service.metadata.name}-vm")
+        app = VMApp(model.name, model.path, service.spec.port,
+                    args=tuple(server_args(service, "", model)[1:]),
+                    env=tuple(sorted(service.spec.env.items())))
+        return build_vm_image(app, store, f"{service.metadata.name}-vm",
+                              source_digest=source_digest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

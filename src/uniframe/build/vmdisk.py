@@ -92,10 +92,16 @@ class VMApp:
     name: str
     model: Path
     port: int = 8080
+    args: tuple[str, ...] = ()  # the server's arguments after the model path; () = name and port
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def model_file(self) -> str:
         return f"{self.name}.onnx"
+
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        return self.args or ("--name", self.name, "--port", str(self.port))
 
 
 @dataclass(frozen=True)
@@ -416,16 +422,18 @@ def service_unit(app: VMApp) -> str:
     The server runs as a transient unprivileged user (``DynamicUser``), allowed
     to bind a port below 1024 if the app asks for one.
     """
+    args = " ".join(_unit_quote(a, command=True) for a in app.server_args)
+    env = "".join(f"Environment={_unit_quote(f'{k}={v}')}\n" for k, v in app.env)
     return f"""[Unit]
 Description=uniframe model server ({app.name})
 After=network.target
 
 [Service]
-ExecStart=/usr/bin/python3 -m uniframe.serve /srv/model/{app.model_file} --name {app.name} --port {app.port}
+ExecStart=/usr/bin/python3 -m uniframe.serve /srv/model/{app.model_file} {args}
 Restart=on-failure
 RestartSec=1
 Environment=PYTHONUNBUFFERED=1 HOME=/var/lib/uniframe
-StateDirectory=uniframe
+{env}StateDirectory=uniframe
 DynamicUser=yes
 AmbientCapabilities=CAP_NET_BIND_SERVICE
 StandardOutput=journal+console
@@ -434,6 +442,20 @@ StandardError=journal+console
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def _unit_quote(word: str, *, command: bool = False) -> str:
+    """One word for a systemd unit line: double-quoted when needed, ``%`` kept literal.
+
+    Only command lines expand ``$VAR``, so only there is ``$`` doubled.
+    """
+    word = word.replace("%", "%%")
+    if command:
+        word = word.replace("$", "$$")
+    if word and all(c.isalnum() or c in "-_.=/:,+@" for c in word):
+        return word
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 NETWORK_FILE = """# QEMU user-mode networking (and most clouds) hand out addresses by DHCP.
@@ -636,7 +658,7 @@ LAYOUTS = ("partitionless", "bootable")
 
 def build_vm_disk(app: VMApp, out_dir: Path, *, disk_format: str = "qcow2",
                   layout: str = "partitionless", cloud_init: bool = False,
-                  base: BaseSpec | None = None) -> Path:
+                  base: BaseSpec | None = None, source_digest: str | None = None) -> Path:
     """Build the VM image for ``app`` into ``out_dir`` (created); returns ``out_dir``.
 
     ``cloud_init`` adds Debian's cloud-init (restricted to the NoCloud
@@ -686,6 +708,7 @@ def build_vm_disk(app: VMApp, out_dir: Path, *, disk_format: str = "qcow2",
         timings["rootfs"] = time.monotonic() - t
         t = time.monotonic()
         inputs = {"recipe": DISK_RECIPE, "base": spec.key(), "app": [app.name, app.port],
+                  "args": list(app.server_args), "env": [list(e) for e in app.env],
                   "model": hashlib.sha256(app.model.read_bytes()).hexdigest(), "python": pins,
                   "layout": layout, "cloud_init": cloud_init}
         fs_uuid = _stable_uuid(json.dumps(inputs, sort_keys=True))
@@ -718,12 +741,15 @@ def build_vm_disk(app: VMApp, out_dir: Path, *, disk_format: str = "qcow2",
                  "root": root_dev, "fs_uuid": fs_uuid},
         "kernel_version": kernel_version,
         "app": {"model": f"/srv/model/{app.model_file}", "name": app.name, "port": app.port,
-                "service": SERVICE, "model_sha256": inputs["model"]},
+                "service": SERVICE, "model_sha256": inputs["model"],
+                "args": list(app.server_args), "env": dict(app.env)},
         "base": {"key": spec.key(), "suite": spec.suite, "packages": spec.all_packages()},
         "python": pins, "cloud_init": cloud_init,
         "rootfs": stats.to_json(),
         "ports": [app.port],
     }
+    if source_digest is not None:
+        manifest["source_spec_digest"] = source_digest
     finalize_manifest(out_dir, manifest)
     build = {"seconds": {k: round(v, 1) for k, v in timings.items()}, "base_cached": cached,
              "disk_allocated_bytes": int(info.get("actual-size", 0)),
