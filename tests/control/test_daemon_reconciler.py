@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,45 @@ def test_a_killed_endpoint_comes_back_on_the_same_port(
     again = rec.endpoints.ensure("iris")
     assert again.pid != ep.pid and again.port == endpoint.host_port
     assert "outputs" in infer(endpoint.host_port)
+
+
+def test_running_replicas_are_tended_while_the_next_revision_builds(
+        setup: tuple[Store, Reconciler, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build runs beside the passes: a replica killed meanwhile is restarted before it ends."""
+    from uniframe.control import reconciler as reconciler_module
+
+    store, rec, model = setup
+    first = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
+                                                          exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", first)
+    (old,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
+
+    release = threading.Event()
+    real_build = reconciler_module.build_image
+
+    def slow_build(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(reconciler_module, "build_image", slow_build)
+    second = {**first, "spec": {**first["spec"], "env": {"REVISION": "2"}}}
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", second)
+    rec.reconcile_once()  # starts the build, which now waits
+    driver = driver_for("process", tmp_path / "st" / "replicas")
+    pid = driver.get(old.id).pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    until(rec, store, lambda rs: len(rs) == 1 and rs[0].id == old.id and rs[0].restarts == 1
+          and rs[0].state == READY)
+    assert not release.is_set()  # restarted while the build was still under way
+    release.set()
+    (new,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].id != old.id
+                   and rs[0].state == READY)
+    assert new.revision != old.revision
+    with store.tx(readonly=True) as tx:
+        reasons = [e.reason for e in tx.events("InferenceService", "iris")]
+    last_built = len(reasons) - 1 - reasons[::-1].index("Built")
+    assert reasons.index("Restarted") < last_built  # the restart did not wait for the build

@@ -87,7 +87,8 @@ QUICK_FAILURE = 30.0
 ROLLBACK_AFTER_DEATHS = 2  # a new replica that dies this often fails its rollout
 DRAIN_WAIT = 30.0          # seconds a retiring replica may take to finish its requests
 STOP_TIMEOUT = 10.0
-HUNG_STOP_TIMEOUT = 2.0    # a replica failing its health checks gets less time to stop
+HUNG_STOP_TIMEOUT = 2.0
+BUILD_RETRY = 60.0         # seconds before a failed image build is tried again    # a replica failing its health checks gets less time to stop
 
 
 def backoff(restarts: int) -> float:
@@ -135,6 +136,8 @@ class Reconciler:
         self._failing: dict[str, str] = {}  # object ref -> the failure last reported
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._inflight: dict[str, Future[bool]] = {}
+        self._builds: dict[tuple[str, str], Future[Image]] = {}
+        self._build_retry: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -236,8 +239,18 @@ class Reconciler:
             replicas = tx.list_replicas(obj.kind, obj.name)
             rollout = self._track_rollout(tx, obj, rules_of(doc), digest, replicas,
                                           returning=digest in earlier)
-        target = (service_target(doc, self._image(obj, doc, digest))
-                  if isinstance(doc, InferenceService) else workload_target(doc, digest))
+        if isinstance(doc, InferenceService):
+            image = self._image(obj, doc, digest)
+            target = service_target(doc, image)
+            if image is None:  # being built: keep the running replicas healthy meanwhile
+                running = [r for r in (self._observe(obj, target, rec) for rec in replicas)
+                           if r is not None]
+                error = self._sync_endpoint(obj, target, running, None)
+                if error is not None:
+                    raise error
+                return
+        else:
+            target = workload_target(doc, digest)
 
         live: list[ReplicaRecord] = []
         for rec in replicas:
@@ -420,8 +433,14 @@ class Reconciler:
 
     # -- images and replicas -----------------------------------------------------------------
 
-    def _image(self, obj: ObjectRecord, service: InferenceService, digest: str) -> Image:
-        """The image built from this revision, built now if none is stored."""
+    def _image(self, obj: ObjectRecord, service: InferenceService, digest: str) -> Image | None:
+        """The image built from this revision; None while it is being built in the background.
+
+        Builds run on their own pool, so an object's passes go on observing,
+        restarting and serving its running replicas during a build that takes
+        minutes; the finished build wakes the loop. A failed build is reported
+        and retried after a back-off, not on every pass.
+        """
         runtime = service.spec.runtime
         key = (digest, runtime)
         cached = self._image_cache.get(key)
@@ -432,12 +451,45 @@ class Reconciler:
                     and IMAGE_KIND_RUNTIMES.get(image.kind) == runtime):
                 self._image_cache[key] = image
                 return image
-        self._event(obj, "Building", f"building the {runtime} image")
-        began = time.monotonic()
-        image = build_image(service, source_digest=digest, runtime=runtime, store=self.images)
-        self._event(obj, "Built", f"image {image.short} in {time.monotonic() - began:.1f} s")
+        with self._lock:
+            build = self._builds.get(key)
+            if build is None or (build.done() and build.exception() is not None
+                                 and time.monotonic() >= self._build_retry.get(key, 0.0)):
+                self._event(obj, "Building", f"building the {runtime} image")
+                self._build_retry.pop(key, None)
+                build = Future()
+                self._builds[key] = build
+                threading.Thread(target=self._build, args=(build, obj, service, digest),
+                                 name=f"build-{obj.name}", daemon=True).start()
+        if not build.done():
+            return None
+        failure = build.exception()
+        if failure is not None:
+            self._build_retry.setdefault(key, time.monotonic() + BUILD_RETRY)
+            raise failure
+        with self._lock:
+            self._builds.pop(key, None)
+            self._build_retry.pop(key, None)
+        image = build.result()
         self._image_cache[key] = image
         return image
+
+    def _build(self, result: Future[Image], obj: ObjectRecord, service: InferenceService,
+               digest: str) -> None:
+        """One build on its own daemon thread: a daemon that stops does not wait for it (the
+        next one builds again; the store only ever holds finished images)."""
+        began = time.monotonic()
+        try:
+            image = build_image(service, source_digest=digest, runtime=service.spec.runtime,
+                                store=self.images)
+            with contextlib.suppress(UniframeError):
+                self._event(obj, "Built",
+                            f"image {image.short} in {time.monotonic() - began:.1f} s")
+            result.set_result(image)
+        except BaseException as exc:
+            result.set_exception(exc)
+        finally:
+            self.wake()
 
     def _create(self, obj: ObjectRecord, target: Target, revision: str) -> None:
         driver = self._driver(target.driver_kind)

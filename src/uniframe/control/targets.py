@@ -73,12 +73,15 @@ def rules_of(doc: InferenceService | Workload) -> Rules:
                  deadline=rollout.progress_deadline_seconds)
 
 
-def service_target(service: InferenceService, image: Image) -> Target:
+def service_target(service: InferenceService, image: Image | None) -> Target:
+    """The service's replicas; with ``image`` None (still building) it can probe but not make."""
     spec = service.spec
     check = spec.health_check
-    resources = image.manifest.get("resources", {})
+    resources = image.manifest.get("resources", {}) if image is not None else {}
 
     def make(driver: Driver) -> tuple[Replica, int | None]:
+        if image is None:
+            raise RuntimeError("no image to make a replica from yet")
         port = free_port()
         config = ReplicaConfig(
             image=image_ref(image), cpus=max(1, round(float(resources.get("cpus", 1)))),
@@ -91,7 +94,8 @@ def service_target(service: InferenceService, image: Image) -> Target:
                                                    check.timeout_seconds)
 
     return Target(
-        driver_kind=RUNTIME_DRIVERS[spec.runtime], image_digest=image.digest,
+        driver_kind=RUNTIME_DRIVERS[spec.runtime],
+        image_digest=image.digest if image is not None else "",
         rules=rules_of(service),
         health=Health(check.period_seconds, check.timeout_seconds, check.failure_threshold,
                       f"GET {check.path}"),
