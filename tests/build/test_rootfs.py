@@ -165,3 +165,14 @@ def test_a_bad_rootfs_in_the_spec_names_the_field(tmp_path: Path) -> None:
     spec.write_text(spec.read_text().replace("ext4", "initramfs"))
     (doc,) = load_file(spec)
     assert doc.spec.spec.image.rootfs == "initramfs"  # type: ignore[union-attr]
+
+
+def test_a_failing_mksquashfs_is_a_build_error_with_its_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rootfs, "mksquashfs_argv", lambda *a, **k: [
+        "sh", "-c", "head -c 100 >/dev/null; echo 'no space left' >&2; exit 3"])
+    entries: list[Entry] = [File("/big", b"x" * (1 << 20), 0o644)]
+    dest = tmp_path / "root.squashfs"
+    with pytest.raises(BuildError, match=r"mksquashfs failed \(exit 3\): no space left"):
+        rootfs.write_squashfs(entries, dest)
+    assert not dest.exists() and list(tmp_path.iterdir()) == []  # no partial file left

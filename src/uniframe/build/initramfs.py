@@ -32,13 +32,13 @@ import os
 import posixpath
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from uniframe.build.piped import feeding
 from uniframe.errors import BuildError
 
 Method = Literal["none", "gzip", "lz4", "zstd"]
@@ -271,25 +271,8 @@ def compressor(out: BinaryIO, method: Method, level: int | None = None) -> Itera
         with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=lvl, mtime=0) as gz:
             yield gz  # type: ignore[misc]
         return
-    proc = subprocess.Popen(_tool_argv(method, lvl), stdin=subprocess.PIPE, stdout=out,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        yield proc.stdin  # type: ignore[misc]
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # the tool died early; its exit status and stderr say why, below
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        if not proc.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-    err = proc.stderr.read().decode(errors="replace").strip()
-    if proc.wait() != 0:
-        raise BuildError(f"{method} failed (exit {proc.returncode}): {err or 'no message'}")
+    with feeding(_tool_argv(method, lvl), method, stdout=out) as stdin:
+        yield stdin  # type: ignore[misc]
 
 
 def compress(path: Path, method: Method, level: int | None = None,

@@ -28,7 +28,6 @@ import contextlib
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
 from uniframe.build.initramfs import Device, Directory, Entry, File, Symlink, plan
+from uniframe.build.piped import feeding
 from uniframe.errors import BuildError
 
 Method = Literal["none", "gzip", "lz4", "zstd", "xz"]
@@ -121,30 +121,10 @@ def write_squashfs(entries: Iterable[Entry], dest: Path, method: Method = "zstd"
 
 def _run_mksquashfs(planned: list[tuple[str, Entry]], argv: list[str], mtime: int) -> None:
     """Stream the tar of ``planned`` into ``mksquashfs -tar``; raise with its message on failure."""
-    with tempfile.TemporaryFile() as err:
-        # stderr to a file, not a pipe: a chatty mksquashfs must never block while we write
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-        assert proc.stdin is not None
-        try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-                for name, entry in planned:
-                    _add(tar, name, entry, mtime)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # mksquashfs died early; its status and message say why, below
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            if not proc.stdin.closed:
-                with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.close()
-        code = proc.wait()
-        if code != 0:
-            err.seek(0)
-            message = err.read().decode(errors="replace").strip()[-2000:]
-            raise BuildError(f"mksquashfs failed (exit {code}): {message or 'no message'}")
+    with feeding(argv, "mksquashfs") as stdin, tarfile.open(
+            fileobj=stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for name, entry in planned:
+            _add(tar, name, entry, mtime)
 
 
 def _info(name: str, kind: bytes, mode: int, mtime: int) -> tarfile.TarInfo:
