@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control_helpers import until
+from control_helpers import kill_strays, strays, until
 
 from uniframe.build.examples import write_iris
 from uniframe.control import rollouts
@@ -227,6 +227,10 @@ def running_daemon(tmp_path: Path, monkeypatch: Any, store_target: str,
                 until("the service is gone", lambda: not replicas(d), 120)
             d.proc.terminate()
             d.proc.wait(30)
+        left = strays(tmp_path)
+        if left:  # a failed test's leftovers must not disturb the next test
+            print(f"killing processes left under {tmp_path}: {left}")
+            kill_strays(tmp_path)
 
 
 def endpoint_pid(d: Daemon) -> int:

@@ -312,3 +312,22 @@ def test_running_replicas_are_tended_while_the_next_revision_builds(
         reasons = [e.reason for e in tx.events("InferenceService", "iris")]
     last_built = len(reasons) - 1 - reasons[::-1].index("Built")
     assert reasons.index("Restarted") < last_built  # the restart did not wait for the build
+
+
+def test_deleting_a_service_also_ends_an_endpoint_nobody_holds(
+        setup: tuple[Store, Reconciler, Path]) -> None:
+    """An endpoint process left by a crashed daemon, unreachable on its socket, still goes."""
+    store, rec, model = setup
+    spec = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
+                                                         exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", spec)
+    until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
+    ep = rec.endpoints.ensure("iris")
+    assert ep.process is not None
+    rec.endpoints.close()  # forget it, as a crashed daemon would
+    rec.endpoints.control_path("iris").unlink()  # and make it unreachable
+    with store.tx() as tx:
+        tx.delete_object("InferenceService", "iris")
+    rec.reconcile_once()
+    assert ep.process.wait(10) == -signal.SIGKILL

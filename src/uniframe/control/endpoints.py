@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import os
+import signal
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
@@ -77,6 +80,7 @@ class Endpoints:
                 pass  # its process is gone; the socket file is stale
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        self._end_strays(service)  # one that stopped answering must not keep the port
         self.root.mkdir(parents=True, exist_ok=True)
         ep = Endpoint.start(service, host=self.host, port=port, control_path=path,
                             check_interval=self.check_interval,
@@ -122,6 +126,7 @@ class Endpoints:
         if ep is not None:
             with contextlib.suppress(EndpointError):
                 ep.stop()
+        self._end_strays(service)
         with contextlib.suppress(FileNotFoundError):
             self.control_path(service).unlink()
         with self.store.tx() as tx:
@@ -137,6 +142,17 @@ class Endpoints:
                 out[service] = ep.status()
         return out
 
+    def _end_strays(self, service: str) -> None:
+        """Kill endpoint processes of ``service`` that we hold no handle on.
+
+        Found by the control socket in their command line: one a crashed
+        daemon started but never recorded, or one that stopped answering.
+        """
+        marker = str(self.control_path(service)).encode()
+        for pid in _processes_with_arg(b"--control", marker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
     def url(self, service: str) -> str | None:
         with self._lock:
             ep = self._live.get(service)
@@ -149,3 +165,18 @@ class Endpoints:
             self._live.clear()
         for ep in live:
             ep.close()
+
+
+def _processes_with_arg(flag: bytes, value: bytes) -> list[int]:
+    """PIDs whose command line has ``flag value`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a == flag and b == value for a, b in itertools.pairwise(argv)):
+            found.append(int(entry.name))
+    return found

@@ -235,7 +235,7 @@ class Reconciler:
         digest = revision_digest(obj.spec)
         with self.store.tx() as tx:
             earlier = {r.digest for r in tx.list_revisions(obj.kind, obj.name)[:-1]}
-            tx.record_revision(obj.kind, obj.name, digest, obj.spec)
+            number = tx.record_revision(obj.kind, obj.name, digest, obj.spec).number
             replicas = tx.list_replicas(obj.kind, obj.name)
             rollout = self._track_rollout(tx, obj, rules_of(doc), digest, replicas,
                                           returning=digest in earlier)
@@ -294,7 +294,7 @@ class Reconciler:
         endpoint_error = self._sync_endpoint(obj, target, live, weights)
         for rec in step.remove:
             self._retire(obj, rec, "scaled down" if rec in new else
-                         f"replaced by revision {_group(digest)}")
+                         f"replaced by revision {number}")
         for _ in range(step.create):
             self._create(obj, target, digest)
         with self.store.tx(readonly=True) as tx:
