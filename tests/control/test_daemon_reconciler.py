@@ -38,6 +38,15 @@ def iris_doc(model: Path, replicas: int) -> dict[str, object]:
             "spec": {"model": {"uri": str(model)}, "runtime": "process", "replicas": replicas}}
 
 
+def apply(store: Store, doc: dict[str, object]) -> dict[str, Any]:
+    """Validate ``doc`` as the API does and store it; return the stored spec."""
+    spec: dict[str, Any] = load_data(doc).spec.model_dump(mode="json", by_alias=True,
+                                                            exclude_none=True)
+    with store.tx() as tx:
+        tx.apply_object("InferenceService", "iris", spec)
+    return spec
+
+
 def infer(port: int) -> dict[str, object]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/iris/infer",
                                  json.dumps(IRIS_ROW).encode(),
@@ -155,9 +164,7 @@ def test_a_hung_replica_fails_its_liveness_checks_and_is_restarted(
     doc = iris_doc(model, 1)
     doc["spec"]["healthCheck"] = {"periodSeconds": 0.5, "timeoutSeconds": 0.5,  # type: ignore[index]
                                   "failureThreshold": 2}
-    spec = load_data(doc).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", spec)
+    apply(store, doc)
     (replica,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
     driver = driver_for("process", tmp_path / "st" / "replicas")
     pid = driver.get(replica.id).pid
@@ -235,16 +242,11 @@ def test_a_first_deployment_that_cannot_start_fails_visibly_and_recovers_when_fi
     store, rec, model = setup
     doc = iris_doc(model, 1)
     doc["spec"]["env"] = {"PYTHONHOME": "/nonexistent"}  # type: ignore[index]
-    spec = load_data(doc).spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", spec)
+    apply(store, doc)
     until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state == FAILED)
     status = rollouts.status(store, "InferenceService", "iris")
     assert "keeps dying" in status.message and "fix the spec" in status.message
-    fixed = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
-                                                          exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", fixed)
+    apply(store, iris_doc(model, 1))
     until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state
           == COMPLETE and len(rs) == 1 and rs[0].state == READY)
 
@@ -252,10 +254,7 @@ def test_a_first_deployment_that_cannot_start_fails_visibly_and_recovers_when_fi
 def test_a_killed_endpoint_comes_back_on_the_same_port(
         setup: tuple[Store, Reconciler, Path]) -> None:
     store, rec, model = setup
-    spec = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
-                                                         exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", spec)
+    apply(store, iris_doc(model, 1))
     until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
     with store.tx(readonly=True) as tx:
         endpoint = tx.get_endpoint("iris")
@@ -279,10 +278,7 @@ def test_running_replicas_are_tended_while_the_next_revision_builds(
     from uniframe.control import reconciler as reconciler_module
 
     store, rec, model = setup
-    first = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
-                                                          exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", first)
+    first = apply(store, iris_doc(model, 1))
     (old,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
 
     release = threading.Event()
@@ -318,10 +314,7 @@ def test_deleting_a_service_also_ends_an_endpoint_nobody_holds(
         setup: tuple[Store, Reconciler, Path]) -> None:
     """An endpoint process left by a crashed daemon, unreachable on its socket, still goes."""
     store, rec, model = setup
-    spec = load_data(iris_doc(model, 1)).spec.model_dump(mode="json", by_alias=True,
-                                                         exclude_none=True)
-    with store.tx() as tx:
-        tx.apply_object("InferenceService", "iris", spec)
+    apply(store, iris_doc(model, 1))
     until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
     ep = rec.endpoints.ensure("iris")
     assert ep.process is not None
