@@ -973,14 +973,18 @@ class ProxyServer:
         return metrics.render(self.service, self.codes, self.retries, self.upstream_errors,
                               len(self.queue), len(self.clients), self.balancer.backends.values())
 
-    def _on_control_accept(self, listener: socket.socket, ev: int) -> None:
+    def _accept_line(self, listener: socket.socket, handler: Callable[[_Line, int], None]) -> None:
+        """A new connection on the control socket or the admin port, read by ``handler``."""
         try:
             sock, _ = listener.accept()
         except OSError:
             return
         sock.setblocking(False)
         line = _Line(sock)
-        self._register(line.fd, IN, self._on_control, line)
+        self._register(line.fd, IN, handler, line)
+
+    def _on_control_accept(self, listener: socket.socket, ev: int) -> None:
+        self._accept_line(listener, self._on_control)
 
     def _on_control(self, conn: _Line, ev: int) -> None:
         if ev & OUT:
@@ -1028,13 +1032,7 @@ class ProxyServer:
     # -- the admin port: /metrics and /status --------------------------------------------------
 
     def _on_admin_accept(self, listener: socket.socket, ev: int) -> None:
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        line = _Line(sock)
-        self._register(line.fd, IN, self._on_admin, line)
+        self._accept_line(listener, self._on_admin)
 
     def _on_admin(self, conn: _Line, ev: int) -> None:
         if ev & OUT:
