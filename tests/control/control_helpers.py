@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniframe.control.daemon import Daemon
+from uniframe.control.daemon import Daemon, DaemonConfig
 from uniframe.control.reconciler import Reconciler
 from uniframe.control.store import ObjectRecord, Store
 
@@ -78,6 +78,12 @@ class LiveDaemon:
 
     url: str
     store: Store
+    token: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The credential every request to the daemon needs."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def objects(self, include_deleted: bool = True) -> list[ObjectRecord]:
         with self.store.tx(readonly=True) as tx:
@@ -90,18 +96,28 @@ def running_daemon(store_target: str | Path, root: Path, *,
     """``uniframe daemon`` as the CLI builds it, on a free port; torn down with what it ran.
 
     Data, state and images follow ``$UNIFRAME_DATA`` and ``$UNIFRAME_STATE``,
-    which the caller points under ``root``. On exit every object is deleted
+    which the caller points under ``root``. It listens on loopback TCP with a
+    token of its own, which ``$UNIFRAME_TOKEN`` carries to the CLI meanwhile,
+    and specs may name files under ``root``. On exit every object is deleted
     and the reconciler given time to stop its replicas and endpoints; anything
     still running under ``root`` after that is killed.
     """
     store = Store.open(str(store_target))
-    daemon = Daemon(store, Reconciler(store), "127.0.0.1", 0, period=period)
+    config = DaemonConfig(socket=None, listen=("127.0.0.1", 0),
+                          token_file=root / "daemon.token", allow_paths=(root,))
+    daemon = Daemon(store, Reconciler(store), config, period=period)
     thread = threading.Thread(target=daemon.serve_forever, name="test-daemon", daemon=True)
     thread.start()
-    live = LiveDaemon(daemon.url, store)
+    live = LiveDaemon(daemon.url, store, daemon.token)
+    earlier_token = os.environ.get("UNIFRAME_TOKEN")
+    os.environ["UNIFRAME_TOKEN"] = daemon.token
     try:
         yield live
     finally:
+        if earlier_token is None:
+            os.environ.pop("UNIFRAME_TOKEN", None)
+        else:
+            os.environ["UNIFRAME_TOKEN"] = earlier_token
         try:
             with store.tx() as tx:
                 for obj in tx.list_objects():

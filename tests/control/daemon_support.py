@@ -42,11 +42,24 @@ class Daemon:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The daemon's credential, read from the token file it made in its state directory."""
+        token = (Path(self.env["UNIFRAME_STATE"]) / "daemon.token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def request(self, path: str, data: bytes | None = None, *, method: str | None = None,
+                content_type: str = "application/json") -> urllib.request.Request:
+        return urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data,
+                                      {"Content-Type": content_type, **self.headers},
+                                      method=method)
+
     def start(self) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uniframe.cli.main", "daemon", "--listen",
-             f"127.0.0.1:{self.port}", "--store", self.store_path, "--period", "0.3"],
+             f"127.0.0.1:{self.port}", "--store", self.store_path, "--period", "0.3",
+             "--allow-path", str(self.root)],
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=(self.root / "daemon.log").open("ab"))
         until("the daemon answers", lambda: self.get("/openapi.json") is not None, 30)
@@ -59,13 +72,12 @@ class Daemon:
     def get(self, path: str) -> Any:
         assert self.proc is not None and self.proc.poll() is None, self.log()
         with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                self.request(path), timeout=5) as resp:
             return json.loads(resp.read())
         return None
 
     def apply(self, yaml_text: str) -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/apply",
-                                     yaml_text.encode(), {"Content-Type": "application/yaml"})
+        req = self.request("/v1/apply", yaml_text.encode(), content_type="application/yaml")
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 assert resp.status == 200
@@ -74,14 +86,13 @@ class Daemon:
 
     def metrics(self) -> dict[str, float]:
         """The daemon's /metrics samples by series name with labels."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(self.request("/metrics"), timeout=10) as r:
             text = r.read().decode()
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
     def delete(self, kind: str, name: str) -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/objects/{kind}/{name}",
-                                     method="DELETE")
+        req = self.request(f"/v1/objects/{kind}/{name}", method="DELETE")
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
 
@@ -220,9 +231,8 @@ def running_daemon(tmp_path: Path, monkeypatch: Any, store_target: str,
     finally:
         if d.proc is not None and d.proc.poll() is None:
             with contextlib.suppress(OSError, AssertionError):
-                urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{d.port}/v1/objects/{SVC}/iris", method="DELETE"),
-                    timeout=10).close()
+                urllib.request.urlopen(d.request(f"/v1/objects/{SVC}/iris", method="DELETE"),
+                                       timeout=10).close()
             with contextlib.suppress(AssertionError):
                 until("the service is gone", lambda: not replicas(d), 120)
             d.proc.terminate()

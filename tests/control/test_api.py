@@ -31,9 +31,10 @@ IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
                         "data": [5.1, 3.5, 1.4, 0.2]}]}
 
 
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_iris(tmp_path_factory.mktemp("iris"))
+@pytest.fixture
+def iris(tmp_path: Path) -> Path:
+    """The model under the test's own directory, which the test daemon lets specs name."""
+    return write_iris(tmp_path / "iris")
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveDaemon
 
 @pytest.fixture
 def http(live: LiveDaemon) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live.url, timeout=30) as client:
+    with httpx.Client(base_url=live.url, timeout=30, headers=live.headers) as client:
         yield client
 
 

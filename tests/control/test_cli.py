@@ -61,7 +61,7 @@ def rows(text: str) -> list[list[str]]:
 
 
 def api(live: LiveDaemon, path: str) -> Any:
-    response = httpx.get(live.url + path, timeout=10)
+    response = httpx.get(live.url + path, timeout=10, headers=live.headers)
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -45,11 +45,17 @@ class Env:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def token(self) -> str:
+        """The token the daemon made in its state directory at its first start."""
+        return (Path(self.env["UNIFRAME_STATE"]) / "daemon.token").read_text().strip()
+
 
 def call(env: Env, method: str, path: str, body: bytes | None = None,
          content_type: str = "application/yaml") -> tuple[int, Any]:
-    req = urllib.request.Request(env.url + path, body, {"Content-Type": content_type},
-                                 method=method)
+    req = urllib.request.Request(env.url + path, body,
+                                 {"Content-Type": content_type,
+                                  "Authorization": f"Bearer {env.token}"}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()
@@ -64,7 +70,8 @@ def start_daemon(env: Env) -> None:
     env.port = free_port()
     env.proc = subprocess.Popen(
         [sys.executable, "-m", "uniframe.cli.main", "daemon", "--listen",
-         f"127.0.0.1:{env.port}", "--store", str(env.store), "--period", "0.3"],
+         f"127.0.0.1:{env.port}", "--store", str(env.store), "--period", "0.3",
+         "--allow-path", str(env.root)],
         env=env.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=(env.root / "daemon.log").open("ab"))
     deadline = time.monotonic() + 30

@@ -115,8 +115,8 @@ def describe_onnx(path: Path) -> dict[str, list[dict[str, Any]]]:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"{path} is not an ONNX model ONNX Runtime can load ({first}); push an .onnx file, "
-            "or a scikit-learn estimator saved as .pkl or .joblib to have it converted"
+            f"{path} is not an ONNX model ONNX Runtime can load ({first}); push an .onnx file "
+            "(the CLI converts a scikit-learn .pkl or .joblib to ONNX for you)"
         ) from None
     sig: dict[str, list[dict[str, Any]]] = {}
     for role, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
@@ -143,20 +143,20 @@ class PreparedModel:
 
 
 def prepare_model(path: Path) -> PreparedModel:
-    """Read ``path`` as ONNX, or convert it if it is a scikit-learn pickle, and describe it."""
-    from uniframe.build.sklearn_onnx import convert_pickle
+    """Read ``path`` as ONNX and describe it; pickles are refused, never loaded.
 
+    The registry lives in the daemon, which runs as root: unpickling a file
+    runs whatever code it carries, so scikit-learn models are converted to
+    ONNX by the client that pushes them (``uniframe model push`` does it).
+    """
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     if path.suffix.lower() in SKLEARN_SUFFIXES:
-        data, fmt = convert_pickle(path), "sklearn->onnx"
-        with tempfile.TemporaryDirectory(prefix="uniframe-model-") as tmp:
-            converted = Path(tmp) / f"{path.stem}.onnx"
-            converted.write_bytes(data)
-            sig = describe_onnx(converted)
-    else:
-        data, fmt = path.read_bytes(), "onnx"
-        sig = describe_onnx(path)
+        raise ModelError(f"{path}: the registry stores ONNX models only and never loads a "
+                         "pickle; `uniframe model push` converts a scikit-learn model to ONNX "
+                         "on your side first")
+    data, fmt = path.read_bytes(), "onnx"
+    sig = describe_onnx(path)
     return PreparedModel(data, hashlib.sha256(data).hexdigest(), fmt, sig["inputs"],
                          sig["outputs"])
 

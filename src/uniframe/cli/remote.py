@@ -1,7 +1,8 @@
 """The daemon connection every client command shares: ``--daemon`` and ``$UNIFRAME_DAEMON``.
 
 The commands that administer the control plane (apply, get, describe,
-delete, logs, events, rollout, model) are clients of ``uniframe daemon``;
+delete, logs, events, rollout, model) are clients of ``uniframe daemon``
+(over its unix socket unless told otherwise, with its token);
 they hold no state and never open the store themselves, so what they show
 is what the daemon knows, and two shells always agree.
 """
@@ -12,11 +13,12 @@ from typing import Any
 
 import typer
 
-from uniframe.control.client import DAEMON_ENV, DEFAULT_URL, DaemonClient
+from uniframe.control.client import DAEMON_ENV, DaemonClient
 
 DAEMON_OPTION: Any = typer.Option(
-    DEFAULT_URL, "--daemon", envvar=DAEMON_ENV, show_envvar=True,
-    help="base URL of the uniframe daemon's API")
+    None, "--daemon", envvar=DAEMON_ENV, show_envvar=True,
+    help="the daemon's API: unix:///PATH or http(s)://HOST:PORT (default: its unix socket in "
+         "the state directory); the token comes from $UNIFRAME_TOKEN or the daemon's token file")
 
 SERVICE_KIND = "InferenceService"
 
@@ -28,7 +30,7 @@ KIND_ALIASES = {
 }
 
 
-def connect(url: str) -> DaemonClient:
+def connect(url: str | None) -> DaemonClient:
     return DaemonClient(url)
 
 

@@ -24,10 +24,12 @@ from typing import Any
 from uniframe.control import rollouts
 from uniframe.control.api_logs import LogSource, object_log, replica_log
 from uniframe.control.api_views import object_json, replica_json
+from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy import EndpointStatus
 from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
+from uniframe.control.uploads import Uploads
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import Driver, driver_for
 from uniframe.spec.loader import check_text
@@ -53,10 +55,13 @@ def _missing(kind: str, name: str) -> NotFoundError:
 class Api:
     """Every route of the daemon, callable without a server (the tests and the handler do)."""
 
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, *, uploads: Uploads | None = None,
+                 paths: PathPolicy | None = None) -> None:
         self.store = store
         self.reconciler = reconciler
         self.registry = Registry(store)
+        self.uploads = uploads or Uploads()
+        self.paths = paths or PathPolicy.of([self.uploads.root])
 
     # -- objects -----------------------------------------------------------------------------
 
@@ -65,12 +70,17 @@ class Api:
         """Validate every document, then write them all in one transaction (or none).
 
         ``base`` is where relative paths in the specs resolve (the client's
-        spec directory: the daemon runs on the same host). ``dry_run``
-        validates and reports what would change, writing nothing.
+        spec directory). Every host path a spec names must then lie under an
+        allowed root (:mod:`uniframe.control.hostpaths`): the client says
+        where, not what the daemon may read. ``dry_run`` validates and
+        reports what would change, writing nothing.
         """
         report = check_text(text, "<request>", base)
         errors = [{"document": p.index, "path": p.path, "message": p.message,
                    "line": p.line, "column": p.column} for p in report.problems]
+        errors += [{"document": d.index, "path": p.path, "message": p.message, "line": None,
+                    "column": None}
+                   for d in report.documents for p in self.paths.check(d.spec)]
         errors += [{"document": d.index, "path": "kind", "line": None, "column": None,
                     "message": f"the daemon runs {' and '.join(RUN_KINDS)} objects, not {d.kind}"}
                    for d in report.documents if d.kind not in RUN_KINDS]
@@ -240,12 +250,25 @@ class Api:
 
     def push_model(self, file: Path, name: str, version: str | None,
                    metadata: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Store an uploaded file (already on disk, named by its format) as a version."""
+        """Store an uploaded ONNX file (already on disk, named ``*.onnx``) as a version."""
         pushed = self.registry.push(file, name, version=version, metadata=metadata)
         return {"model": pushed.model.to_json(), "created": pushed.created}, pushed.created
 
     def remove_model(self, name: str, version: str) -> dict[str, Any]:
         return {"removed": self.registry.remove(name, version).to_json()}
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def upload(self, sha256: str, name: str) -> dict[str, Any]:
+        found = self.uploads.find(sha256, name)
+        if found is None:
+            raise NotFoundError(f"no upload {sha256}/{name}; send it with POST /v1/uploads")
+        return {"path": str(found), "sha256": sha256, "size": found.stat().st_size}
+
+    def add_upload(self, file: Path, name: str, sha256: str | None) -> tuple[dict[str, Any], bool]:
+        path, created = self.uploads.add(file, name, sha256)
+        return {"path": str(path), "sha256": path.parent.name,
+                "size": path.stat().st_size}, created
 
     # -- metrics ---------------------------------------------------------------------------
 

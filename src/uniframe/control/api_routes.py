@@ -23,6 +23,9 @@ from uniframe.control.openapi import OPENAPI
 
 BodyKind = Literal["none", "text", "file"]
 
+MAX_INTEGER = (1 << 63) - 1
+"""The largest integer the stores keep (a signed 64-bit column): beyond it SQLite overflows."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -37,17 +40,17 @@ class Request:
         values = self.query.get(key)
         return values[-1] if values else None
 
-    def integer(self, key: str, *, minimum: int = 0) -> int | None:
+    def integer(self, key: str, *, minimum: int = 0, maximum: int = MAX_INTEGER) -> int | None:
         value = self.one(key)
         if value is None or value == "":
             return None
         try:
-            number = int(value)
+            number = int(value) if len(value) <= 20 else minimum - 1
         except ValueError:
             number = minimum - 1
-        if number < minimum:
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f"query parameter {key}={value!r}: give a whole number >= {minimum}")
+        if not minimum <= number <= maximum:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"query parameter {key}={value!r}: give a "
+                           f"whole number from {minimum} to {maximum}")
         return number
 
     def flag(self, key: str) -> bool:
@@ -122,19 +125,24 @@ def _metadata(req: Request) -> dict[str, Any]:
     return meta
 
 
-MODEL_SUFFIXES = {"onnx": ".onnx", "sklearn": ".pkl"}
-
-
 def _push_model(api: Api, req: Request) -> Reply:
     fmt = req.one("format") or "onnx"
-    if fmt not in MODEL_SUFFIXES:
+    if fmt != "onnx":
         raise ApiError(HTTPStatus.BAD_REQUEST,
-                       f"query parameter format={fmt!r}: use {' or '.join(MODEL_SUFFIXES)}")
+                       f"query parameter format={fmt!r}: the daemon takes ONNX models only (it "
+                       "never loads a pickle: that would run the file's code as root); "
+                       "`uniframe model push MODEL.pkl` converts a scikit-learn model on your side")
     assert req.file is not None
-    named = req.file.with_name("model" + MODEL_SUFFIXES[fmt])
+    named = req.file.with_name("model.onnx")
     req.file.rename(named)  # the registry tells formats by suffix
     body, created = api.push_model(named, req.required("name"), req.one("version") or None,
                                    _metadata(req))
+    return Reply(body, HTTPStatus.CREATED if created else HTTPStatus.OK)
+
+
+def _add_upload(api: Api, req: Request) -> Reply:
+    assert req.file is not None
+    body, created = api.add_upload(req.file, req.required("name"), req.one("sha256") or None)
     return Reply(body, HTTPStatus.CREATED if created else HTTPStatus.OK)
 
 
@@ -191,6 +199,9 @@ ROUTES: tuple[Route, ...] = (
           lambda api, req: api.model(req.params["name"], req.params["version"])),
     Route("DELETE", "/v1/models/{name}/{version}",
           lambda api, req: api.remove_model(req.params["name"], req.params["version"])),
+    Route("POST", "/v1/uploads", _add_upload, body="file"),
+    Route("GET", "/v1/uploads/{sha256}/{name}",
+          lambda api, req: api.upload(req.params["sha256"], req.params["name"])),
 )
 
 

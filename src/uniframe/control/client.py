@@ -6,20 +6,30 @@ a refused removal the same way whether the daemon or the store said it::
 
     UniframeError
     ├── DaemonUnavailableError  nobody listens at the URL, or it did not answer in time
+    ├── CredentialError         401/403: no token, a wrong one, or a refused Host
     ├── NotFoundError           404
     ├── ConflictError           409 (e.g. a model version still in use)
     ├── SpecRejectedError       422 from /v1/apply: ``.problems`` keeps every field path
     ├── ModelError              422 from /v1/models (the file is not a model)
     └── DaemonError             any other error status (``.status``, ``.body``)
 
-The base URL comes from ``--daemon``, else ``$UNIFRAME_DAEMON``, else
-:data:`DEFAULT_URL`. ``transport`` is httpx's seam for tests that want no
-server at all.
+The address comes from ``--daemon``, else ``$UNIFRAME_DAEMON``, else the
+daemon's unix socket in the state directory (``unix:///PATH``; ``http://``
+and ``https://`` URLs reach a TCP listener). The bearer token comes from
+``$UNIFRAME_TOKEN``, else the file ``$UNIFRAME_TOKEN_FILE``, else the
+daemon's own token file (readable by the daemon's user); ``$UNIFRAME_CA``
+names a CA bundle for a daemon with a self-signed certificate.
+``transport`` is httpx's seam for tests that want no server at all.
+
+:meth:`DaemonClient.apply` uploads the files a spec names and sends the spec
+naming the uploads (:mod:`uniframe.control.client_uploads`): the daemon reads
+no path a client chose.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +38,26 @@ from urllib.parse import quote
 
 import httpx
 
+from uniframe.control.auth import CredentialError, client_token, default_socket
+from uniframe.control.uploads import file_sha256
 from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
 
 DAEMON_ENV = "UNIFRAME_DAEMON"
-DEFAULT_URL = "http://127.0.0.1:7860"
+CA_ENV = "UNIFRAME_CA"
 JSON = dict[str, Any]
+_UNIX_HOST = "http://uniframe"
+"""The URL httpx is given for a unix socket: the host is only what the Host header says."""
 
 
 def default_url() -> str:
-    return os.environ.get(DAEMON_ENV) or DEFAULT_URL
+    """``$UNIFRAME_DAEMON``, else the daemon's unix socket under the state directory."""
+    return os.environ.get(DAEMON_ENV) or f"unix://{default_socket()}"
+
+
+def _unix_path(url: str) -> str | None:
+    if not url.startswith("unix:"):
+        return None
+    return "/" + url.removeprefix("unix:").lstrip("/")
 
 
 class DaemonUnavailableError(UniframeError):
@@ -88,9 +109,22 @@ class DaemonClient:
     """One daemon, over HTTP; use as a context manager or call :meth:`close`."""
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, token: str | None = None,
+                 ca_file: str | None = None) -> None:
         self.base_url = (base_url or default_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token if token is not None else client_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        socket_path = _unix_path(self.base_url)
+        http_url = self.base_url
+        if socket_path is not None:
+            http_url = _UNIX_HOST
+            transport = transport or httpx.HTTPTransport(uds=socket_path)
+        ca_file = ca_file or os.environ.get(CA_ENV)
+        verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca_file) if ca_file
+                                         else True)
+        self._http = httpx.Client(base_url=http_url, timeout=timeout, transport=transport,
+                                  headers=headers, verify=verify)
+        self._uploaded: dict[tuple[str, str], str] = {}
 
     def close(self) -> None:
         self._http.close()
@@ -120,6 +154,8 @@ class DaemonClient:
             body = {}
         message = str(body.get("error") or f"{response.status_code} {response.reason_phrase}")
         status = response.status_code
+        if status in (401, 403):
+            return CredentialError(f"the daemon at {self.base_url} refused the request: {message}")
         if status == 404:
             return NotFoundError(message)
         if status == 409:
@@ -165,8 +201,18 @@ class DaemonClient:
     # -- objects -----------------------------------------------------------------------------
 
     def apply(self, text: str, *, source: str = "<request>", base: Path | None = None,
-              dry_run: bool = False) -> JSON:
-        """Apply spec documents; ``source`` names them in errors, ``base`` resolves their paths."""
+              dry_run: bool = False, upload: bool = True) -> JSON:
+        """Apply spec documents; ``source`` names them in errors, ``base`` resolves their paths.
+
+        With ``upload`` the files the specs name are uploaded first and the
+        specs sent naming the uploads (scikit-learn pickles converted to ONNX
+        here, in the caller's process); without it the paths go as written
+        and must lie under a directory the daemon allows.
+        """
+        if upload:
+            from uniframe.control.client_uploads import upload_spec_files
+
+            text = upload_spec_files(self, text, source, base)
         params: dict[str, Any] = {"dryRun": int(dry_run)}
         if base is not None:
             params["base"] = str(base.resolve())
@@ -250,6 +296,28 @@ class DaemonClient:
                                        "Content-Length": str(file.stat().st_size)},
                               timeout=httpx.Timeout(30.0, read=600.0))
 
+    def upload(self, file: Path, name: str | None = None) -> str:
+        """Upload ``file`` (unless the daemon has these bytes already); its path on the daemon."""
+        name = name or _upload_name(file.name)
+        try:
+            sha256 = file_sha256(file)
+        except OSError as exc:
+            raise SpecError(f"{file}: cannot read it to upload ({exc.strerror})") from None
+        known = self._uploaded.get((sha256, name))
+        if known is not None:
+            return known
+        try:
+            path = str(self._json("GET", f"/v1/uploads/{sha256}/{_segment(name)}")["path"])
+        except NotFoundError:
+            with file.open("rb") as fh:
+                path = str(self._json(
+                    "POST", "/v1/uploads", params={"name": name, "sha256": sha256}, content=fh,
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Length": str(file.stat().st_size)},
+                    timeout=httpx.Timeout(30.0, read=3600.0))["path"])
+        self._uploaded[(sha256, name)] = path
+        return path
+
     def remove_model(self, name: str, version: str) -> JSON:
         return self._json("DELETE", f"/v1/models/{_segment(name)}/{_segment(version)}")
 
@@ -260,3 +328,9 @@ class DaemonClient:
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
+
+
+def _upload_name(name: str) -> str:
+    """A file name the daemon accepts: letters, digits, '.', '_' and '-' (the suffix kept)."""
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name).lstrip("._-")
+    return (cleaned or "file")[-128:].lstrip("._-") or "file"

@@ -10,21 +10,19 @@ and reused for ever after, so clients never chase a moving port.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from uniframe.control.proxy import Backend, Endpoint, EndpointError, EndpointStatus
+from uniframe.control.proxy.unixsock import private_dir, socket_path
 from uniframe.control.store import Store
 from uniframe.paths import state_dir
+from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.verify import free_port
-
-_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 
 
 class Endpoints:
@@ -40,11 +38,8 @@ class Endpoints:
         self._lock = threading.Lock()
 
     def control_path(self, service: str) -> Path:
-        path = self.root / f"{service}.sock"
-        if len(str(path)) <= _SOCKET_PATH_MAX:
-            return path
-        key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"uniframe-ep-{key}.sock"
+        """The service's control socket, always in the daemon's own (0700) endpoints directory."""
+        return socket_path(self.root, f"{service}.sock")
 
     def _assigned_port(self, service: str, wanted: int | None) -> int:
         with self.store.tx() as tx:
@@ -81,7 +76,7 @@ class Endpoints:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._end_strays(service)  # one that stopped answering must not keep the port
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         ep = Endpoint.start(service, host=self.host, port=port, control_path=path,
                             check_interval=self.check_interval,
                             log=self.root / f"{service}.log")
@@ -149,9 +144,8 @@ class Endpoints:
         daemon started but never recorded, or one that stopped answering.
         """
         marker = str(self.control_path(service)).encode()
-        for pid in _processes_with_arg(b"--control", marker):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for ref in _processes_with_arg(b"--control", marker):
+            _kill_if_still(ref, b"--control", marker)
 
     def url(self, service: str) -> str | None:
         with self._lock:
@@ -167,16 +161,38 @@ class Endpoints:
             ep.close()
 
 
-def _processes_with_arg(flag: bytes, value: bytes) -> list[int]:
-    """PIDs whose command line has ``flag value`` (read from /proc)."""
+def _has_arg(pid: int, flag: bytes, value: bytes) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a == flag and b == value for a, b in itertools.pairwise(argv))
+
+
+def _processes_with_arg(flag: bytes, value: bytes) -> list[ProcessRef]:
+    """Processes (PID and start time) whose command line has ``flag value`` (read from /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a == flag and b == value for a, b in itertools.pairwise(argv)):
-            found.append(int(entry.name))
+        if entry.name.isdigit() and _has_arg(int(entry.name), flag, value):
+            with contextlib.suppress(ProcessLookupError):
+                found.append(ProcessRef.of(int(entry.name)))
     return found
+
+
+def _kill_if_still(ref: ProcessRef, flag: bytes, value: bytes) -> None:
+    """SIGKILL ``ref`` only if it is still that very process with that command line.
+
+    A pidfd pins the process: once it is open, the PID cannot be handed to
+    another program, so checking the start time and the command line through
+    /proc and then signalling through the pidfd hits what was checked.
+    """
+    try:
+        fd = os.pidfd_open(ref.pid)
+    except ProcessLookupError:
+        return
+    try:
+        if ref.alive() and _has_arg(ref.pid, flag, value):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)

@@ -143,9 +143,9 @@ PATHS: dict[str, dict[str, Any]] = {
             parameters=[
                 {**_query("name", "string", "the model's name, e.g. iris"), "required": True},
                 _query("version", "string", "a number or a label (default: the next number)"),
-                _query("format", "string", "the body's format: onnx, or sklearn (a pickle the "
-                                           "daemon loads and converts: push only pickles you "
-                                           "trust)", enum=["onnx", "sklearn"]),
+                _query("format", "string", "the body's format: onnx only (the daemon never "
+                                           "loads a pickle; `uniframe model push` converts "
+                                           "scikit-learn models on the client)", enum=["onnx"]),
                 {**_query("meta", "string", "KEY=VALUE to record, repeatable"),
                  "style": "form", "explode": True}],
             requestBody={"required": True, "content": {"application/octet-stream": {
@@ -157,6 +157,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "delete": _op("Remove a version; refused (409) while an applied spec uses it",
                       {"200": _json("removed", "Removed"), **_NOT_FOUND, "409": _ERROR},
                       parameters=_MODEL)},
+    "/v1/uploads": {"post": _op(
+        "Upload a file a spec names (a model, cloud-init user data, a VM disk, an OCI archive); "
+        "the answer's path is what the spec then names",
+        {"201": _json("stored", "Upload"), "200": _json("already there", "Upload"), **_BAD,
+         "413": _ERROR, "422": _ERROR},
+        parameters=[
+            {**_query("name", "string", "a plain file name, e.g. model.onnx"), "required": True},
+            _query("sha256", "string", "the digest the client computed; a mismatch refuses "
+                                       "the upload")],
+        requestBody={"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}})},
+    "/v1/uploads/{sha256}/{name}": {"get": _op(
+        "Whether a file is already uploaded (so a client need not send it again)",
+        {"200": _json("stored", "Upload"), **_NOT_FOUND, "422": _ERROR},
+        parameters=[_path("sha256"), _path("name")])},
 }
 
 _TENSOR = _obj(name=_STR, datatype=_STR, shape={"type": "array", "items": _INT})
@@ -215,6 +230,7 @@ SCHEMAS: dict[str, Any] = {
     "Revisions": _list("revisions", "Revision"),
     "Pushed": _obj(model=_ref("Model"), created=_BOOL),
     "Removed": _obj(removed=_ref("Model")),
+    "Upload": _obj(path=_STR, sha256=_STR, size=_INT),
 }
 
 OPENAPI: dict[str, Any] = {
@@ -222,7 +238,11 @@ OPENAPI: dict[str, Any] = {
     "info": {"title": "uniframe daemon", "version": "1",
              "description": "The control plane: apply specs, read their state, replicas, "
                             "logs and events, manage models and rollouts. Every error is "
-                            "JSON `{\"error\": ...}` with a 4xx or 5xx status."},
+                            "JSON `{\"error\": ...}` with a 4xx or 5xx status. Every route "
+                            "needs the daemon's bearer token (401 without it)."},
     "paths": PATHS,
-    "components": {"schemas": SCHEMAS},
+    "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "the token in the daemon's state directory (daemon.token)"}}},
+    "security": [{"bearer": []}],
 }

@@ -46,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from uniframe.control.proxy import commands, metrics
@@ -58,6 +59,7 @@ from uniframe.control.proxy.framing import (
     request_head,
     response_head,
 )
+from uniframe.control.proxy.unixsock import bind_private
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 BAD = select.EPOLLERR | select.EPOLLHUP
@@ -253,12 +255,8 @@ class ProxyServer:
 
     @staticmethod
     def _listen_unix(path: str) -> socket.socket:
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+        # 0600 from the moment it exists, in a 0700 directory: the daemon runs as root
+        sock = bind_private(Path(path), 16, replace_live=True)
         sock.setblocking(False)
         return sock
 

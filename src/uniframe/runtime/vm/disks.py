@@ -52,6 +52,7 @@ def inspect_disk(path: Path) -> DiskInfo:
     if proc.returncode != 0:
         raise DiskError(f"qemu-img cannot read VM disk {path}: {proc.stderr.strip()}")
     data = json.loads(proc.stdout)
+    _refuse_external_files(path, data)
     fmt = str(data.get("format", "unknown"))
     if fmt not in SUPPORTED_FORMATS:
         raise DiskError(
@@ -61,6 +62,25 @@ def inspect_disk(path: Path) -> DiskInfo:
     if fmt == "raw" and data.get("virtual-size", 0) < 512:
         raise DiskError(f"VM disk {path} is empty; give a disk image with a boot loader or file system")
     return DiskInfo(path, fmt, int(data.get("virtual-size", 0)), int(data.get("actual-size", 0)))
+
+
+def _refuse_external_files(path: Path, info: dict[str, object]) -> None:
+    """A disk that points at other files (a backing chain, a qcow2 data file) is refused.
+
+    QEMU runs as root and follows those references itself, so a user's qcow2
+    whose backing file is ``/etc/shadow`` would hand that file to the guest.
+    uniframe boots a disk as one self-contained file under its own overlay.
+    """
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    data_file = data.get("data-file") if isinstance(data, dict) else None
+    for what, target in (("a backing file", backing), ("an external data file", data_file)):
+        if target:
+            raise DiskError(
+                f"VM disk {path} refers to {what} ({target}), which QEMU would open as root: "
+                f"flatten it into one file with 'qemu-img convert -O qcow2 {path} "
+                f"{path.with_name(path.stem + '-flat.qcow2')}' and use that")
 
 
 def create_overlay(backing: DiskInfo, overlay: Path) -> Path:
