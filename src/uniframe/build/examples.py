@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from uniframe.build.sklearn_onnx import convert_estimator
+from uniframe.extras import require
 
 
 def write_iris(directory: Path) -> Path:
@@ -14,6 +15,7 @@ def write_iris(directory: Path) -> Path:
     ``probabilities`` FP32 [-1, 3]. Training is deterministic, so the file's
     bytes (and every image digest built from it) are stable.
     """
+    require("training the iris example")
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 

@@ -2,7 +2,11 @@
 
 The model server only ever loads ONNX: scikit-learn, skl2onnx and their
 dependencies weigh hundreds of megabytes and must never end up inside an
-image. Conversion therefore happens here, on the build host.
+image. Conversion therefore happens here, on the build host, or in the CLI of
+the user who pushes a pickle (never in the daemon: unpickling runs the file's
+code, so it happens with the trust of whoever owns the file). These packages
+are the ``[build]`` extra; without it every entry point here says so in one
+line (:func:`uniframe.extras.require`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from uniframe.errors import ModelError
+from uniframe.extras import require
 
 
 def convert_estimator(estimator: Any, n_features: int, *, input_name: str = "X") -> bytes:
@@ -20,13 +25,10 @@ def convert_estimator(estimator: Any, n_features: int, *, input_name: str = "X")
     Classifiers get plain tensor outputs (``zipmap`` off): a sequence of maps
     cannot travel over the Open Inference Protocol.
     """
-    try:
-        from skl2onnx import to_onnx
-        from skl2onnx.common.data_types import FloatTensorType
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ModelError(
-            "converting scikit-learn models needs skl2onnx: pip install 'uniframe[build]'"
-        ) from exc
+    require("converting a scikit-learn model to ONNX")
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
     options: dict[Any, Any] = {}
     if hasattr(estimator, "predict_proba"):
         options = {id(estimator): {"zipmap": False}}
@@ -51,8 +53,10 @@ def convert_pickle(path: Path, n_features: int | None = None) -> bytes:
     """
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
+    # before unpickling: without scikit-learn, loading would fail on the estimator's classes
+    require(f"converting {path.name} (scikit-learn) to ONNX")
     try:
-        if path.suffix == ".joblib":
+        if path.suffix.lower() == ".joblib":
             import joblib
 
             estimator = joblib.load(path)

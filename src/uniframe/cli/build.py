@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,14 @@ from rich.table import Table
 
 from uniframe.build.store import Image, ImageStore
 from uniframe.cli.app import app, console, err_console, fail
+from uniframe.cli.output import (
+    OUTPUT_OPTION,
+    check_output,
+    output_option,
+    print_data,
+    print_fields,
+    print_table,
+)
 
 IRIS_REQUEST = b'{"inputs":[{"name":"X","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
 
@@ -44,13 +51,14 @@ def build(
                                          "root format that keeps the image within its targets)"),
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="start the image and answer one inference before accepting it"),
-    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    output: str = OUTPUT_OPTION,
 ) -> None:
     """Build an InferenceService into an image for its runtime, then prove it by running it."""
     from uniframe.build.images import build_image
     from uniframe.build.unikernel import build_unikernel
     from uniframe.spec import InferenceService, load_file
 
+    check_output(output)
     if compression is not None and compression not in COMPRESSIONS:
         raise fail(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
     if rootfs is not None and rootfs not in ROOTFS:
@@ -94,8 +102,8 @@ def build(
         results.append(summary)
         if output == "table":
             _print_summary(image, summary)
-    if output == "json":
-        console.print_json(data=results if len(results) > 1 else results[0])
+    if output != "table":
+        print_data(results if len(results) > 1 else results[0], output)
 
 
 def _verify(image: Image, show: bool) -> dict[str, Any]:
@@ -173,26 +181,54 @@ def _print_summary(image: Image, s: dict[str, Any]) -> None:
 
 
 @app.command("images")
-def images(output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+def images(output: str = OUTPUT_OPTION) -> None:
     """List the images in the local store."""
+    check_output(output)
     found = ImageStore().list()
-    if output == "json":
-        console.print_json(data=[{"digest": i.digest, "names": list(i.names), "kind": i.kind,
-                                  "bytes": i.size_bytes(), **i.build_info} for i in found])
+    if output != "table":
+        print_data([{"digest": i.digest, "names": list(i.names), "kind": i.kind,
+                     "bytes": i.size_bytes(), **i.build_info} for i in found], output)
         return
-    table = Table("image", "names", "kind", "size", "built")
-    for i in found:
-        table.add_row(i.short, ", ".join(i.names) or "-", i.kind, _mb(i.size_bytes()),
-                      str(i.build_info.get("built_at", "-")))
-    console.print(table)
+    if not found:
+        console.print("no images; build one with `uniframe build SPEC`", markup=False,
+                      soft_wrap=True)
+        return
+    print_table(("IMAGE", "NAMES", "KIND", "SIZE", "BUILT"),
+                [(i.short, ", ".join(i.names) or "-", i.kind, _mb(i.size_bytes()),
+                  i.build_info.get("built_at", "-")) for i in found])
 
 
 @image_app.command("inspect")
-def image_inspect(ref: str = typer.Argument(..., help="name[:tag], digest prefix or directory")) -> None:
-    """Print an image's manifest and build facts as JSON."""
+def image_inspect(
+    ref: str = typer.Argument(..., help="name[:tag], digest prefix or directory"),
+    output: str = output_option("json"),
+) -> None:
+    """Print an image's manifest and build facts (JSON unless -o)."""
+    check_output(output)
     image = ImageStore().resolve(ref)
-    console.print_json(json.dumps({"dir": str(image.dir), "names": list(image.names),
-                                   "manifest": image.manifest, "build": image.build_info}))
+    if output != "table":
+        print_data({"digest": image.digest, "dir": str(image.dir), "names": list(image.names),
+                    "manifest": image.manifest, "build": image.build_info}, output)
+        return
+    m = image.manifest
+    print_fields([
+        ("Image", image.digest),
+        ("Names", ", ".join(image.names) or "-"),
+        ("Kind", image.kind),
+        ("Size", _mb(image.size_bytes())),
+        ("Files", ", ".join(f"{role} {_mb(int(f.get('size', 0)))}"
+                            for role, f in m.get("files", {}).items()) or "-"),
+        ("Model", _model_line(m.get("model"))),
+        ("Built", image.build_info.get("built_at", "-")),
+        ("Directory", image.dir),
+    ])
+
+
+def _model_line(model: object) -> str:
+    if not isinstance(model, dict):
+        return "-"
+    return f"{model.get('name')} version {model.get('version')} (sha256 " \
+           f"{str(model.get('sha256', ''))[:12]})"
 
 
 @image_app.command("rm")

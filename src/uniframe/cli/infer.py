@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from uniframe.cli.app import app, console, fail
+from uniframe.cli.output import OUTPUT_OPTION, check_output, print_data
 
 
 def _shape(data: Any) -> list[int]:
@@ -28,10 +29,11 @@ def infer(
     input_name: str = typer.Option(None, "--input", help="input name (default: the model's first)"),
     datatype: str = typer.Option(None, "--datatype", help="OIP datatype (default: the model's)"),
     version: str = typer.Option(None, "--model-version"),
-    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    output: str = OUTPUT_OPTION,
     timeout: float = typer.Option(30.0, "--timeout"),
 ) -> None:
     """Send one inference request and print the outputs."""
+    check_output(output)
     try:
         tensor = json.loads(data)
     except json.JSONDecodeError as exc:
@@ -54,8 +56,8 @@ def infer(
     if resp.status_code != 200:
         raise fail(f"{resp.status_code}: {_error_of(resp)}")
     result = resp.json()
-    if output == "json":
-        console.print_json(data=result)
+    if output != "table":
+        print_data(result, output)
         return
     table = Table(title=f"{result.get('model_name')} v{result.get('model_version')}")
     for col in ("output", "datatype", "shape", "data"):

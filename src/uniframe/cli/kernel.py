@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import typer
 from rich.table import Table
 
 from uniframe.build.kernel import Kernel, cached_kernel, ensure_kernel, user_kernel
-from uniframe.cli.app import app, console, fail
+from uniframe.cli.app import app, console, err_console, fail
+from uniframe.cli.output import OUTPUT_OPTION, check_output, print_data
 
 kernel_app = typer.Typer(help="The tailored microVM kernel (Lupine-style, from linux-source-6.1).",
                          no_args_is_help=True)
@@ -33,18 +33,20 @@ def build(
                                          help="Kconfig fragment (default: the microVM one)"),
     jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="make -j (default: CPUs)"),
     force: bool = typer.Option(False, "--force", help="rebuild even if the kernel is cached"),
-    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    output: str = OUTPUT_OPTION,
 ) -> None:
     """Build the kernel (minutes, once) or report the cached one."""
-    _check_output(output)
+    check_output(output)
     started = time.monotonic()
     state = {"step": ""}
-    with console.status("preparing the kernel build") as status:
+    # progress goes to stderr when stdout is a document for a parser
+    out = console if output == "table" else err_console
+    with out.status("preparing the kernel build") as status:
         def progress(step: str, line: str) -> None:
             if step != state["step"]:
                 state["step"] = step
                 if step in _STEPS:
-                    console.print(f"[{time.monotonic() - started:6.1f}s] {_STEPS[step]}")
+                    out.print(f"[{time.monotonic() - started:6.1f}s] {_STEPS[step]}")
             if step == "compile" and line.startswith(" "):
                 status.update(f"compiling: {line.strip()}")
             elif step != "compile":
@@ -60,10 +62,10 @@ def info(
                                          help="Kconfig fragment (default: the microVM one)"),
     kernel_file: Path | None = typer.Option(None, "--kernel",
                                             help="describe your own bzImage or PVH vmlinux"),
-    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    output: str = OUTPUT_OPTION,
 ) -> None:
     """Show the cached kernel: size, enabled options, build time, key, path, config hash."""
-    _check_output(output)
+    check_output(output)
     if kernel_file is not None:
         kernel = user_kernel(kernel_file)
     else:
@@ -75,15 +77,10 @@ def info(
     _show(kernel, output)
 
 
-def _check_output(output: str) -> None:
-    if output not in ("table", "json"):
-        raise fail(f"-o {output}: choose table or json")
-
-
 def _show(kernel: Kernel, output: str) -> None:
     view = kernel.describe()
-    if output == "json":
-        console.print_json(json.dumps(view))
+    if output != "table":
+        print_data(view, output)
         return
     table = Table(title=f"kernel {kernel.key}", show_header=False)
     table.add_column("field", style="bold")

@@ -1,9 +1,13 @@
 """How read commands print: a readable table by default, the API's JSON or YAML on request.
 
-``-o json`` prints exactly what the daemon answered, so a script gets the
-same document as ``curl`` would; ``-o yaml`` is that document through
-``yaml.safe_dump``. Tables never wrap or cut cells when stdout is not a
-terminal, because scripts read them as often as people do.
+Every command that shows something takes the same ``-o/--output`` with the
+same choices (``table``, ``json``, ``yaml``), made here by
+:func:`output_option` and checked by :func:`check_output`, so a script
+learns the flag once. ``-o json`` prints exactly what the daemon (or the
+local store) answered, so a script gets the same document as ``curl``
+would; ``-o yaml`` is that document through ``yaml.safe_dump``. Tables
+never wrap or cut cells when stdout is not a terminal, because scripts read
+them as often as people do.
 """
 
 from __future__ import annotations
@@ -24,12 +28,19 @@ from uniframe.cli.app import console, fail
 
 OUTPUTS = ("table", "json", "yaml")
 
-OUTPUT_OPTION: Any = typer.Option("table", "-o", "--output", help="table, json or yaml")
+
+def output_option(default: str = "table") -> Any:
+    """The ``-o/--output`` option; ``inspect`` commands default to their whole document."""
+    return typer.Option(default, "-o", "--output", help="table, json or yaml")
 
 
-def check_output(output: str, allowed: tuple[str, ...] = OUTPUTS) -> None:
-    if output not in allowed:
-        raise fail(f"-o {output!r}: use one of {', '.join(allowed)}")
+OUTPUT_OPTION: Any = output_option()
+
+
+def check_output(output: str) -> None:
+    """Refuse an unknown format before any work is done (a build, a daemon round trip)."""
+    if output not in OUTPUTS:
+        raise fail(f"-o {output!r}: use one of {', '.join(OUTPUTS)}")
 
 
 def print_data(data: Any, output: str) -> None:
@@ -38,6 +49,14 @@ def print_data(data: Any, output: str) -> None:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+def print_fields(rows: Iterable[tuple[str, object]]) -> None:
+    """One thing as ``label: value`` lines, the table view of an ``inspect``."""
+    items = list(rows)
+    width = max((len(label) for label, _ in items), default=0) + 1
+    for label, value in items:
+        typer.echo(f"{label + ':':<{width}} {value}".rstrip())
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]],

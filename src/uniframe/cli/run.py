@@ -10,7 +10,6 @@ it exits with the guest's own exit status.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ import typer
 
 from uniframe.build.store import ImageStore
 from uniframe.cli.app import app, console, err_console, fail
+from uniframe.cli.output import OUTPUT_OPTION, check_output, print_data
 from uniframe.runtime.driver import Driver, all_replicas, driver_for, find
 from uniframe.runtime.ports import PortMapping, parse_port_mapping
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig, ReplicaState, ReplicaStatus
@@ -170,18 +170,17 @@ def _uptime(replica: Replica, status: ReplicaStatus) -> str:
 @app.command()
 def ps(
     all_: bool = typer.Option(False, "-a", "--all", help="also show replicas that are not running"),
-    output: str = typer.Option("table", "-o", "--output", help="table or json"),
+    output: str = OUTPUT_OPTION,
 ) -> None:
     """List replicas (running ones unless -a)."""
+    check_output(output)
     rows = [(r, driver_for(r.driver).inspect(r.id)) for r in all_replicas()]
     if not all_:
         rows = [(r, s) for r, s in rows if s.state is ReplicaState.RUNNING]
-    if output == "json":
-        data = [{**r.to_json(), "dir": str(r.dir), "status": s.to_json()} for r, s in rows]
-        print(json.dumps(data, indent=2))
-        return
     if output != "table":
-        raise fail(f"-o {output}: use table or json")
+        print_data([{**r.to_json(), "dir": str(r.dir), "status": s.to_json()} for r, s in rows],
+                   output)
+        return
     header = ("ID", "NAME", "RUNTIME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL")
     lines = [header] + [
         (r.id, r.name, r.driver, _image_label(r), _state_text(s),

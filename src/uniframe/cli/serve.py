@@ -56,6 +56,9 @@ def convert(
     """Convert a scikit-learn estimator to ONNX (inputs FP32 rows named X)."""
     from uniframe.build.sklearn_onnx import convert_pickle
     from uniframe.cli.app import console
+    from uniframe.extras import require
+
+    require("uniframe convert")
 
     data = convert_pickle(model)
     output.write_bytes(data)
