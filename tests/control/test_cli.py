@@ -10,6 +10,7 @@ parsers, and compared with what the API itself answers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -159,7 +160,10 @@ def test_apply_get_describe_logs_events_delete(live: LiveDaemon, home: Path, iri
     assert f"Endpoint:    http://127.0.0.1:{port}" in described
     assert "Replicas:    2/2 ready (ready: 2)" in described
     assert "Rollout:     revision 1, rolling, complete" in described
-    assert f"Model:       {spec.parent / 'iris.onnx'} (onnx)" in described
+    # the CLI uploaded the model: the daemon serves its own content-addressed copy
+    digest = hashlib.sha256((spec.parent / "iris.onnx").read_bytes()).hexdigest()
+    uploaded = home / "data" / "uploads" / digest / "iris.onnx"
+    assert f"Model:       {uploaded} (onnx)" in described
     assert all(i in described for i in ids) and "RolloutComplete" in described
     full = json.loads(cli("describe", f"{SERVICE}/iris", "-o", "json").stdout)
     assert full["name"] == "iris" and full["events"][-1]["reason"] == "RolloutComplete"

@@ -57,7 +57,14 @@ class ModelVersion:
 
     @property
     def source_format(self) -> str:
-        """The format the user pushed (``onnx`` or ``sklearn``), as a spec's ``format`` names it."""
+        """The format the user pushed (``onnx`` or ``sklearn``), as a spec's ``format`` names it.
+
+        The CLI converts a scikit-learn model before it pushes (the daemon never
+        unpickles) and says so in the ``source_format`` metadata.
+        """
+        declared = self.metadata.get("source_format")
+        if declared in ("onnx", "sklearn"):
+            return str(declared)
         return self.format.split("->")[0]
 
     def to_json(self) -> dict[str, Any]:

@@ -132,6 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unknown method, huge headers) in JSON."""
         self.close_connection = True
+        self.request_version = "HTTP/1.1"  # a garbled request line would mean HTTP/0.9: no head
         text = message or HTTPStatus(code).phrase
         with contextlib.suppress(OSError):
             self._send_json(code, {"error": f"{text} ({explain})" if explain else text})
@@ -168,10 +169,17 @@ class _Handler(BaseHTTPRequestHandler):
                 close()
 
     def _length(self, limit: int) -> int:
-        header = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):  # it would override any Content-Length
+            self.close_connection = True
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, "
+                           "not Transfer-Encoding")
+        values = set(self.headers.get_all("Content-Length") or [])
+        if len(values) > 1:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the request has conflicting Content-Length "
+                           "headers")
+        header = values.pop() if values else None
         if header is None:
-            if self.headers.get("Transfer-Encoding"):
-                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
             return 0
         try:
             length = int(header)
