@@ -72,8 +72,8 @@ def start_daemon(env: Env) -> None:
         [sys.executable, "-m", "uniframe.cli.main", "daemon", "--listen",
          f"127.0.0.1:{env.port}", "--store", str(env.store), "--period", "0.3",
          "--allow-path", str(env.root)],
-        env=env.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=(env.root / "daemon.log").open("ab"))
+        env=env.env, stdin=subprocess.DEVNULL, stdout=(env.root / "daemon.log").open("ab"),
+        stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
         assert env.proc.poll() is None, (env.root / "daemon.log").read_text()
@@ -169,6 +169,22 @@ def test_invalid_spec_is_422_naming_the_field(env: Env) -> None:
             "/v1/events", "/metrics"} <= set(doc["paths"])
     assert call(env, "GET", "/v1/objects/InferenceService/iris")[0] == 404
     assert call(env, "DELETE", "/v1/objects/InferenceService/iris")[0] == 404
+
+
+def test_the_daemon_makes_its_token_once_and_never_prints_it(env: Env) -> None:
+    start_daemon(env)
+    token = env.token
+    token_file = Path(env.env["UNIFRAME_STATE"]) / "daemon.token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    call(env, "GET", "/v1/objects")
+    assert env.proc is not None
+    env.proc.send_signal(signal.SIGTERM)
+    env.proc.wait(30)
+    start_daemon(env)  # a restart keeps the token: clients configured once keep working
+    assert env.token == token
+    assert call(env, "GET", "/v1/objects")[0] == 200
+    log = (env.root / "daemon.log").read_text()
+    assert token not in log and str(token_file) in log
 
 
 @pytest.mark.slow
