@@ -12,6 +12,7 @@ APT_PACKAGES=(
   e2fsprogs fdisk dosfstools mtools syslinux syslinux-common xorriso  # VM disks, cloud-init seeds
   wrk curl                           # benchmarks and demos
   postgresql                         # the control plane's PostgreSQL backend (tests start their own server)
+  openssl                            # TLS certificates for the daemon's TCP listener (tests make a self-signed one)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
