@@ -26,6 +26,10 @@ def test_only_what_replicas_are_made_of_changes_the_revision() -> None:
     assert rollouts.revision_digest(doc(2)) != base
     assert rollouts.revision_digest(doc(1, runtime="unikernel")) != base
     assert rollouts.revision_digest(doc(1, env={"A": "1"})) != base
+    # the image bakes the name in (the server's --name): another name is another revision
+    assert rollouts.revision_digest({**doc(1), "metadata": {"name": "beta"}}) != base
+    assert rollouts.revision_digest({**doc(1), "metadata": {"name": "iris",
+                                                            "labels": {"a": "b"}}}) == base
 
 
 def test_with_revision_keeps_the_current_scaling_and_rollout_settings() -> None:

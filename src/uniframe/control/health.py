@@ -2,10 +2,12 @@
 
 Readiness decides whether a replica gets traffic and whether a rollout may
 go on; liveness decides whether a replica that once was ready has hung and
-must be restarted. Both use the same HTTP GET (OIP ``/v2/health/ready`` by
-default); a replica is restarted only after ``failureThreshold`` failures in
-a row, probed every ``periodSeconds``, so one slow answer under load does not
-kill it.
+must be restarted. Both use the same HTTP GETs: for an InferenceService, the
+OIP readiness of the service's own model (``/v2/models/{name}/ready``, so a
+replica that serves another model never reads ready) and the user's
+``healthCheck.path`` when it names another one. A replica is restarted only
+after ``failureThreshold`` failures in a row, probed every ``periodSeconds``,
+so one slow answer under load does not kill it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ import http.client
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
+
+SERVER_READY_PATH = "/v2/health/ready"
+"""The OIP server readiness path: ``healthCheck.path``'s default."""
 
 
-def probe(port: int, path: str = "/v2/health/ready", timeout: float = 1.0,
+def model_ready_path(model: str) -> str:
+    """The OIP readiness path of one model the server serves."""
+    return f"/v2/models/{quote(model, safe='')}/ready"
+
+
+def probe(port: int, path: str = SERVER_READY_PATH, timeout: float = 1.0,
           host: str = "127.0.0.1") -> bool:
     """True when ``GET path`` on the replica answers 200 within ``timeout``."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)

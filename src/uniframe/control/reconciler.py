@@ -75,7 +75,7 @@ from uniframe.runtime.replica import ReplicaState
 from uniframe.spec import InferenceService, Workload, load_data
 
 __all__ = ["READY", "RUN_KINDS", "SERVICE_KIND", "WORKLOAD_KIND", "PassResult", "Reconciler",
-           "backoff"]
+           "backoff", "build_backoff"]
 
 SERVICE_KIND = "InferenceService"
 WORKLOAD_KIND = "Workload"
@@ -87,13 +87,25 @@ QUICK_FAILURE = 30.0
 ROLLBACK_AFTER_DEATHS = 2  # a new replica that dies this often fails its rollout
 DRAIN_WAIT = 30.0          # seconds a retiring replica may take to finish its requests
 STOP_TIMEOUT = 10.0
-HUNG_STOP_TIMEOUT = 2.0
-BUILD_RETRY = 60.0         # seconds before a failed image build is tried again    # a replica failing its health checks gets less time to stop
+HUNG_STOP_TIMEOUT = 2.0    # a replica failing its health checks gets less time to stop
+BUILD_RETRY_FIRST = 10.0   # seconds before a failed image build is tried again, doubling...
+BUILD_RETRY_MAX = 300.0    # ...up to this
 
 
 def backoff(restarts: int) -> float:
     """Seconds to wait before restart number ``restarts + 1``."""
     return float(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, restarts)))
+
+
+def build_backoff(failures: int) -> float:
+    """Seconds to wait after failed build number ``failures + 1`` of one revision's image.
+
+    A build that failed (a model that does not load, a full disk) fails the
+    same way when tried again at once, at a full build's cost each time, so
+    retries wait 10 s doubling to 5 min; a changed spec is another revision
+    and builds at once.
+    """
+    return float(min(BUILD_RETRY_MAX, BUILD_RETRY_FIRST * 2 ** max(0, failures)))
 
 
 def _started_seconds_ago(started_at: str | None) -> float | None:
@@ -107,6 +119,17 @@ def _started_seconds_ago(started_at: str | None) -> float | None:
 def _group(revision: str) -> str:
     """The endpoint's traffic group of a revision: a short, stable name."""
     return revision.removeprefix("sha256:")[:12] or "default"
+
+
+@dataclass
+class _Build:
+    """One revision's image build: the attempt under way or last finished, and the failed
+    attempts before it (kept in memory: a new daemon tries once at once)."""
+
+    ref: str                     # the object it is built for
+    attempt: Future[Image]
+    failures: int = 0            # failed attempts reported so far, in a row
+    retry_at: float | None = None  # set once the attempt's failure is reported: when to retry
 
 
 @dataclass
@@ -136,13 +159,12 @@ class Reconciler:
         self._failing: dict[str, str] = {}  # object ref -> the failure last reported
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._inflight: dict[str, Future[bool]] = {}
-        self._builds: dict[tuple[str, str], Future[Image]] = {}
-        self._build_retry: dict[tuple[str, str], float] = {}
+        self._builds: dict[tuple[str, str], _Build] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.passes = 0
-        self.last_pass_seconds = 0.0
+        self.last_pass_seconds = 0.0  # of the last whole pass over every object (see _time_pass)
         self.errors = 0
 
     def _driver(self, kind: str) -> Driver:
@@ -175,6 +197,7 @@ class Reconciler:
 
     def _dispatch(self) -> list[Future[bool]]:
         """Start a pass for every object that has none running; return the started ones."""
+        began = time.monotonic()
         with self.store.tx(readonly=True) as tx:
             objects = [o for o in tx.list_objects(include_deleted=True) if o.kind in RUN_KINDS]
         started: list[Future[bool]] = []
@@ -187,7 +210,34 @@ class Reconciler:
                 self._inflight[obj.ref] = future
                 started.append(future)
         self.passes += 1
+        if len(started) == len(objects):
+            self._time_pass(began, started)
         return started
+
+    def _time_pass(self, began: float, futures: list[Future[bool]]) -> None:
+        """Set ``last_pass_seconds`` once the last object of a whole pass is done.
+
+        Objects are reconciled in parallel, so one object's time says nothing
+        about the pass. Only a dispatch that started every object is a whole
+        pass: one that skipped objects still busy from an earlier dispatch
+        would report the quick objects and hide the slow one.
+        """
+        if not futures:  # no objects at all
+            self.last_pass_seconds = time.monotonic() - began
+            return
+        left = len(futures)
+        lock = threading.Lock()
+
+        def one_done(_future: Future[bool]) -> None:
+            nonlocal left
+            with lock:
+                left -= 1
+                if left:
+                    return
+            self.last_pass_seconds = time.monotonic() - began
+
+        for future in futures:
+            future.add_done_callback(one_done)
 
     def reconcile_once(self) -> PassResult:
         """One complete pass over every object (live or deleted), waiting for all of them."""
@@ -200,7 +250,6 @@ class Reconciler:
 
     def _reconcile_guarded(self, obj: ObjectRecord) -> bool:
         """One object's pass; its failure is reported once as an event and stays its own."""
-        started = time.monotonic()
         try:
             self.reconcile_object(obj)
             self._failing.pop(obj.ref, None)
@@ -211,8 +260,6 @@ class Reconciler:
         except Exception as exc:  # a bug must not kill the loop; it is reported like a failure
             self._report(obj, f"internal error: {type(exc).__name__}: {exc}"[:2000])
             return False
-        finally:
-            self.last_pass_seconds = time.monotonic() - started
 
     def _report(self, obj: ObjectRecord, message: str) -> None:
         self.errors += 1
@@ -311,6 +358,10 @@ class Reconciler:
             self._retire(obj, rec, "object deleted")
         if obj.kind == SERVICE_KIND:
             self.endpoints.remove(obj.name)
+        with self._lock:  # the same spec applied again later builds at once, not after a back-off
+            for key in [k for k, b in self._builds.items()
+                        if b.ref == obj.ref and b.attempt.done()]:
+                del self._builds[key]
         with self.store.tx() as tx:
             current = tx.get_object(obj.kind, obj.name, include_deleted=True)
             if current is not None and current.deleted and not tx.list_replicas(obj.kind, obj.name):
@@ -434,12 +485,14 @@ class Reconciler:
     # -- images and replicas -----------------------------------------------------------------
 
     def _image(self, obj: ObjectRecord, service: InferenceService, digest: str) -> Image | None:
-        """The image built from this revision; None while it is being built in the background.
+        """The image built from this revision; None while it is being built or failed to build.
 
-        Builds run on their own pool, so an object's passes go on observing,
+        Builds run on their own thread, so an object's passes go on observing,
         restarting and serving its running replicas during a build that takes
-        minutes; the finished build wakes the loop. A failed build is reported
-        and retried after a back-off, not on every pass.
+        minutes; the finished build wakes the loop. A failed attempt is
+        reported once (an event naming the cause, the rollout ``failed``,
+        the error counter) and tried again after :func:`build_backoff`, not
+        on every pass; a changed spec is another revision and builds at once.
         """
         runtime = service.spec.runtime
         key = (digest, runtime)
@@ -453,26 +506,63 @@ class Reconciler:
                 return image
         with self._lock:
             build = self._builds.get(key)
-            if build is None or (build.done() and build.exception() is not None
-                                 and time.monotonic() >= self._build_retry.get(key, 0.0)):
-                self._event(obj, "Building", f"building the {runtime} image")
-                self._build_retry.pop(key, None)
-                build = Future()
+            start = build is None or (build.retry_at is not None
+                                      and time.monotonic() >= build.retry_at)
+            if start:
+                build = _Build(obj.ref, Future(), failures=build.failures if build else 0)
                 self._builds[key] = build
-                threading.Thread(target=self._build, args=(build, obj, service, digest),
-                                 name=f"build-{obj.name}", daemon=True).start()
-        if not build.done():
+        assert build is not None
+        if start:
+            again = f" (attempt {build.failures + 1})" if build.failures else ""
+            self._event(obj, "Building", f"building the {runtime} image{again}")
+            threading.Thread(target=self._build, args=(build.attempt, obj, service, digest),
+                             name=f"build-{obj.name}", daemon=True).start()
             return None
-        failure = build.exception()
+        if not build.attempt.done():
+            return None
+        failure = build.attempt.exception()
         if failure is not None:
-            self._build_retry.setdefault(key, time.monotonic() + BUILD_RETRY)
-            raise failure
+            if build.retry_at is None:  # this attempt's failure is not reported yet
+                delay = build_backoff(build.failures)
+                self._build_failed(obj, digest, runtime, failure, delay)
+                build.failures += 1
+                build.retry_at = time.monotonic() + delay
+            return None
         with self._lock:
             self._builds.pop(key, None)
-            self._build_retry.pop(key, None)
-        image = build.result()
+        image = build.attempt.result()
         self._image_cache[key] = image
+        if build.failures:
+            self._build_recovered(obj, digest, build.failures)
         return image
+
+    def _build_failed(self, obj: ObjectRecord, digest: str, runtime: str,
+                      failure: BaseException, retry_in: float) -> None:
+        """Report one failed build: a Warning event naming the cause, the error counter, and the
+        rollout to this revision ``failed`` with the cause (no replica of it can exist), so
+        ``get`` and ``describe`` say why nothing runs."""
+        cause = str(failure) if isinstance(failure, UniframeError) else (
+            f"internal error: {type(failure).__name__}: {failure}")
+        message = (f"the {runtime} image failed to build: {cause[:2000]}; retrying in "
+                   f"{retry_in:.0f} s, or at once when a changed spec is applied")
+        self.errors += 1
+        self.log(f"{obj.ref}: {message}")
+        with self.store.tx() as tx:
+            if tx.get_object(obj.kind, obj.name) is None:
+                return
+            tx.add_event(obj.kind, obj.name, "BuildFailed", message, type="Warning")
+            rollout = tx.get_rollout(obj.kind, obj.name)
+            if rollout is not None and rollout.to_digest == digest:
+                tx.update_rollout(obj.kind, obj.name, state=FAILED, message=message)
+
+    def _build_recovered(self, obj: ObjectRecord, digest: str, failures: int) -> None:
+        """A build that failed before succeeded: the rollout it failed goes on."""
+        with self.store.tx() as tx:
+            rollout = tx.get_rollout(obj.kind, obj.name)
+            if (tx.get_object(obj.kind, obj.name) is not None and rollout is not None
+                    and rollout.to_digest == digest and rollout.state == FAILED):
+                tx.update_rollout(obj.kind, obj.name, state=PROGRESSING,
+                                  message=f"image built after {failures} failed attempt(s)")
 
     def _build(self, result: Future[Image], obj: ObjectRecord, service: InferenceService,
                digest: str) -> None:

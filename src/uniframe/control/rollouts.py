@@ -2,7 +2,8 @@
 
 A *revision* is what replicas are made of: the spec without the fields that
 do not change a replica (count, autoscaling, the rollout and health-check
-settings, the endpoint's port). Applying a spec with a new revision digest
+settings, the endpoint's port), plus the object's name, which the image bakes
+in (the model server announces its model under it). Applying a spec with a new revision digest
 starts a rollout, which the reconciler carries out; these functions only read
 and write the store, so the API and the reconciler share one meaning of each
 operation. An undo re-applies an earlier revision's spec (a new generation),
@@ -23,10 +24,16 @@ NOT_IN_REVISION = frozenset({"replicas", "autoscaling", "rollout", "healthCheck"
 
 
 def revision_digest(spec: dict[str, Any]) -> str:
-    """The digest of what replicas are made from; equal digests mean nothing to roll."""
+    """The digest of what replicas are made from; equal digests mean nothing to roll.
+
+    It is also the key of the revision's image (its ``source_spec_digest``), so
+    it covers everything an image bakes in, the name included: two services
+    that differ only in name must not share an image that serves one name.
+    """
     body = {k: v for k, v in spec.get("spec", {}).items() if k not in NOT_IN_REVISION}
+    name = (spec.get("metadata") or {}).get("name")
     return spec_digest({"apiVersion": spec.get("apiVersion"), "kind": spec.get("kind"),
-                        "spec": body})
+                        "name": name, "spec": body})
 
 
 def wanted_replicas(spec: dict[str, Any]) -> int:

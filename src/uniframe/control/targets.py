@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from uniframe.build.images import image_port
 from uniframe.build.store import Image
-from uniframe.control.health import probe
+from uniframe.control.health import SERVER_READY_PATH, model_ready_path, probe
 from uniframe.control.store import ReplicaRecord
 from uniframe.runtime.driver import RUNTIME_DRIVERS, Driver
 from uniframe.runtime.ports import PortMapping
@@ -89,16 +89,23 @@ def service_target(service: InferenceService, image: Image | None) -> Target:
             ports=(PortMapping(port, image_port(image)),))
         return driver.create(config), port
 
+    # The service's own model must answer, not only the server: a replica serving another
+    # model (an image built under another name) is healthy but answers every request 404.
+    # The model's readiness implies the server's, so the default path is not asked again.
+    paths = [model_ready_path(service.metadata.name)]
+    if check.path != SERVER_READY_PATH:
+        paths.append(check.path)
+
     def ready(rec: ReplicaRecord) -> bool:
-        return rec.host_port is not None and probe(rec.host_port, check.path,
-                                                   check.timeout_seconds)
+        port = rec.host_port
+        return port is not None and all(probe(port, p, check.timeout_seconds) for p in paths)
 
     return Target(
         driver_kind=RUNTIME_DRIVERS[spec.runtime],
         image_digest=image.digest if image is not None else "",
         rules=rules_of(service),
         health=Health(check.period_seconds, check.timeout_seconds, check.failure_threshold,
-                      f"GET {check.path}"),
+                      " and ".join(f"GET {p}" for p in paths)),
         make=make, probe=ready, endpoint=True, service_port=spec.service_port)
 
 
