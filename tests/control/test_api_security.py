@@ -269,3 +269,28 @@ def test_tls_listener_serves_the_api_to_a_client_that_trusts_its_certificate(
             raw.sendall(b"GET /v1/objects HTTP/1.1\r\nHost: localhost\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):
                 assert b"200 OK" not in raw.recv(4096)
+
+
+def test_a_pickle_already_in_the_store_is_never_built(daemon: Daemon, home: Path) -> None:
+    """A spec that reached the store some other way (an older daemon) is refused at every pass."""
+    from control_helpers import until
+
+    marker = home / "pwned"
+    pkl = home / "data" / "uploads" / "model.pkl"
+    pkl.parent.mkdir(parents=True)
+    pkl.write_bytes(pickle.dumps(_Payload(marker)))
+    spec = {"apiVersion": "uniframe.dev/v1alpha1", "kind": SERVICE, "metadata": {"name": "old"},
+            "spec": {"model": {"uri": str(pkl), "format": "sklearn"}, "runtime": "process"}}
+    with daemon.store.tx() as tx:
+        tx.apply_object(SERVICE, "old", spec)
+    daemon.reconciler.wake()
+
+    def refused() -> bool:
+        with daemon.store.tx(readonly=True) as tx:
+            return any(e.reason == "ReconcileFailed" and "spec.model.format" in e.message
+                       for e in tx.events(SERVICE, "old"))
+
+    until("the reconciler refuses the pickle", refused, 30)
+    with daemon.store.tx(readonly=True) as tx:
+        assert tx.list_replicas(SERVICE, "old") == []
+    assert not marker.exists()

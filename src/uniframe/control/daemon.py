@@ -380,8 +380,9 @@ class Daemon:
         self.reconciler = reconciler
         self.token = auth.ensure_token(config.token_file)
         uploads = Uploads()
-        self.api = Api(store, reconciler, uploads=uploads,
-                       paths=PathPolicy.of([uploads.root, *config.allow_paths]))
+        paths = PathPolicy.of([uploads.root, *config.allow_paths])
+        reconciler.paths = paths  # what apply refuses, the reconciler never acts on either
+        self.api = Api(store, reconciler, uploads=uploads, paths=paths)
         self.api.registry.sync()  # repair what a crash between index and files left behind
         self.servers: list[_Listener] = []
         try:

@@ -47,6 +47,7 @@ from uniframe.build.store import Image, ImageStore
 from uniframe.control import planner
 from uniframe.control.endpoints import Endpoints
 from uniframe.control.health import Liveness
+from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy import Backend
 from uniframe.control.rollouts import revision_digest, wanted_replicas, with_revision
 from uniframe.control.states import (
@@ -64,7 +65,7 @@ from uniframe.control.states import (
 )
 from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
 from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
-from uniframe.errors import UniframeError
+from uniframe.errors import SpecError, UniframeError
 from uniframe.runtime.driver import (
     IMAGE_KIND_RUNTIMES,
     Driver,
@@ -147,8 +148,12 @@ class Reconciler:
                  build_store: ImageStore | None = None,
                  log: Callable[[str], None] | None = None,
                  endpoints: Endpoints | None = None, endpoint_host: str = "127.0.0.1",
-                 workers: int = 4) -> None:
+                 workers: int = 4, paths: PathPolicy | None = None) -> None:
         self.store = store
+        # Checked again at every pass, not only at apply: a store written by an older daemon,
+        # or one started with other --allow-path roots, must not make this one read a host
+        # file or load a pickle. By default any path, but never a pickle.
+        self.paths = paths or PathPolicy.of([Path("/")])
         self.state_root = state_root
         self.images = build_store or ImageStore()
         self.log = log or (lambda _m: None)
@@ -279,6 +284,9 @@ class Reconciler:
             return
         doc = load_data(obj.spec, obj.ref).spec
         assert isinstance(doc, InferenceService | Workload)
+        refused = self.paths.check(doc)
+        if refused:
+            raise SpecError("; ".join(f"{p.path}: {p.message}" for p in refused))
         digest = revision_digest(obj.spec)
         with self.store.tx() as tx:
             earlier = {r.digest for r in tx.list_revisions(obj.kind, obj.name)[:-1]}
