@@ -1,7 +1,7 @@
 """Kernel figures: build time, sizes, options, and boot-to-marker time under TCG.
 
 Boots each image of the cached kernel (building it first if needed) with the
-probe initramfs from tests/build/test_kernel.py and reports the median of N
+probe initramfs from tests/images/test_kernel.py and reports the median of N
 boots, interleaved so that load from other work on the machine hits every
 variant alike; QEMU's CPU time (user + system, to exit) is printed beside the
 wall time because it is less sensitive to that load. The ``+tsc`` rows pass the host's TSC frequency on the kernel
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _probe_helpers() -> ModuleType:
     """The boot helpers live with the boot tests; load them from there."""
-    path = REPO / "tests" / "build" / "test_kernel.py"
+    path = REPO / "tests" / "images" / "test_kernel.py"
     spec = importlib.util.spec_from_file_location("kernel_boot_probe", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -7,4 +7,5 @@ bash scripts/install.sh dev
 echo "== ruff";        ruff check src tests bench
 echo "== mypy";        mypy
 echo "== import-linter"; lint-imports
+echo "== collected"; python3 scripts/check_collected.py  # every tracked test file is collected
 echo "== pytest";      python3 -m pytest "$@"
