@@ -44,7 +44,8 @@ def test_defaults_are_filled_in() -> None:
     assert spec.health_check.path == "/v2/health/ready"
     assert spec.rollout.strategy == "rolling"
     assert (spec.rollout.max_surge, spec.rollout.max_unavailable) == (1, 0)
-    assert spec.server.max_body_size == 64 * 1024**2
+    assert spec.server.max_body_size is None  # derived from memory: 26Mi for 256Mi
+    assert spec.server.body_limit(spec.resources.memory) == 26 * 1024**2
     assert spec.kernel is None
     assert isinstance(spec.model, FileModel)
     assert spec.model.format == "onnx"

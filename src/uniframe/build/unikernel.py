@@ -45,7 +45,7 @@ from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
 from uniframe.guest.initscript import DEVICE_NODES, INIT_PATH, MOUNT_POINTS, render_init_script
 from uniframe.guest.net import HOSTS_PATH, hosts_text
 from uniframe.spec import InferenceService
-from uniframe.spec.service import RootFormat
+from uniframe.spec.service import BodyLimitError, RootFormat
 
 Progress = Callable[[str], None]
 Compression = Literal["none", "gzip", "lz4", "zstd", "xz"]  # xz: squashfs only
@@ -135,10 +135,25 @@ def sample_request(inputs: list[dict[str, Any]]) -> bytes:
 
 
 def server_args(service: InferenceService, model_path: str, model: ResolvedModel) -> list[str]:
+    """The model server's arguments, the same for every runtime (unikernel, OCI, VM, process)."""
     spec = service.spec
     return [model_path, "--name", model.name, "--model-version", model.version,
             "--port", str(spec.port), "--threads", str(spec.server.threads),
-            "--max-body-size", str(spec.server.max_body_size)]
+            "--max-body-size", str(max_body_size(service, model))]
+
+
+def max_body_size(service: InferenceService, model: ResolvedModel) -> int:
+    """The body limit the replica's memory can serve with this model (``spec.server.maxBodySize``
+    if given and it fits), by the spec's rule (:meth:`uniframe.spec.service.Server.body_limit`).
+
+    The spec checked the limit against the memory alone; only here is the model's size known.
+    """
+    spec = service.spec
+    try:
+        return spec.server.body_limit(spec.resources.memory, model.size)
+    except BodyLimitError as exc:
+        field = "spec.server.maxBodySize" if exc.field == "maxBodySize" else "spec.resources.memory"
+        raise BuildError(f"{field}: {exc}") from None
 
 
 def _host_sys_path() -> list[str]:

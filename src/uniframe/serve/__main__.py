@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=int(os.environ.get("UNIFRAME_PORT", "8080")))
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
     ap.add_argument("--max-body-size", type=_size, default=64 << 20,
-                    help="largest request body accepted, e.g. 64Mi (default); larger gets 413")
+                    help="largest request body accepted, e.g. 64Mi (default); larger gets 413, "
+                         "and so does a JSON body whose parse would cost over 5x this "
+                         "(images pass what the replica's memory allows)")
     ap.add_argument("--idle-timeout", type=float, default=75.0,
                     help="seconds an idle keep-alive connection stays open (default: 75)")
     ap.add_argument("--access-log", action="store_true", help="log every request to stderr")

@@ -5,6 +5,13 @@ JSON tensors may be flat or nested; the binary tensor data extension
 the JSON header, with BYTES elements prefixed by a 4-byte little-endian
 length. Every check names the input and what was expected against what was
 given, so a client can fix its request from the error alone.
+
+Memory (see :mod:`uniframe.serve.memory`): nothing here copies a body whole. A
+JSON body handed over as a ``bytearray`` is emptied as soon as orjson has parsed
+it, its lists are dropped as soon as their array exists, and binary tensors are
+numpy views of the body going in and of the result arrays going out, so a large
+request peaks at its body plus orjson's parse (or, with binary tensors, its body
+plus its outputs), not at several copies of each.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import numpy as np
 import orjson
 
 from uniframe.serve.datatypes import NUMPY, from_numpy
-from uniframe.serve.errors import BadRequest
+from uniframe.serve.errors import BadRequest, TooLarge
+from uniframe.serve.memory import JSON_COST_FACTOR, LARGE, json_cost
 from uniframe.serve.model import OnnxModel, TensorSpec
 
 # numpy kinds accepted, per OIP datatype, when JSON data is decoded ("" accepts any).
@@ -77,7 +85,9 @@ def _count(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Any:
+def _from_json(spec: TensorSpec, inp: dict[str, Any], shape: tuple[int, ...]) -> Any:
+    """The array of ``inp``'s ``data``, which is taken out of ``inp`` so it can be freed early."""
+    data = inp.pop("data")
     dt = spec.datatype
     want = _count(shape)
     if not isinstance(data, list):
@@ -107,11 +117,13 @@ def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Any:
     if probe.dtype == target:
         arr = probe
     elif kinds is _INT_KINDS:
+        del probe
         try:  # numpy refuses Python ints out of the target range here, instead of wrapping
             arr = np.array(data, dtype=target)
         except OverflowError as exc:
             raise BadRequest(f"input {spec.name!r}: value out of range for {dt}: {exc}") from None
     else:
+        del data  # the lists cost several times the array: free them before the cast
         arr = probe.astype(target)
     return arr.reshape(shape)
 
@@ -188,9 +200,24 @@ def _from_binary(spec: TensorSpec, raw: memoryview, shape: tuple[int, ...]) -> A
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
 
-def decode(model: OnnxModel, body: bytes, header_length: int | None) -> InferRequest:
-    """Parse and validate an inference request against ``model``'s inputs and outputs."""
+def decode(
+    model: OnnxModel,
+    body: bytes | bytearray,
+    header_length: int | None,
+    *,
+    max_json_cost: int | None = None,
+) -> InferRequest:
+    """Parse and validate an inference request against ``model``'s inputs and outputs.
+
+    A ``bytearray`` body without binary tensors is consumed: it is emptied once its
+    JSON is parsed, so its memory is back before the tensors are built. Binary
+    tensors are views of ``body``, which must then stay unchanged until they are used.
+    ``max_json_cost`` bounds what parsing a large JSON text is estimated to cost
+    (:func:`~uniframe.serve.memory.json_cost`): beyond it the request is refused
+    with 413 before anything is parsed.
+    """
     binary: memoryview | None = None
+    text = body
     if header_length is not None:
         if header_length > len(body):
             raise BadRequest(
@@ -198,11 +225,24 @@ def decode(model: OnnxModel, body: bytes, header_length: int | None) -> InferReq
                 f"only {len(body)} bytes"
             )
         binary = memoryview(body)[header_length:]
-        body = body[:header_length]
+        text = body[:header_length]
+    if max_json_cost is not None and len(text) >= LARGE:
+        cost = json_cost(text)
+        if cost > max_json_cost:
+            raise TooLarge(
+                f"this {len(text)}-byte JSON body would take about {cost >> 20} MiB to "
+                f"parse, more than the {max_json_cost >> 20} MiB this server allows "
+                f"({JSON_COST_FACTOR}x --max-body-size): short numbers and nested lists "
+                "cost far more than their text; send large tensors with the binary tensor "
+                "data extension (parameters.binary_data_size), which costs no parsing"
+            )
     try:
-        req = orjson.loads(body)
+        req = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    del text
+    if binary is None and isinstance(body, bytearray):
+        body.clear()
     if not isinstance(req, dict):
         raise BadRequest("request body must be a JSON object with an 'inputs' list")
     inputs = req.get("inputs")
@@ -249,7 +289,7 @@ def decode(model: OnnxModel, body: bytes, header_length: int | None) -> InferReq
             feeds[name] = _from_binary(spec, binary[cursor : cursor + size], shape)
             cursor += size
         elif "data" in inp:
-            feeds[name] = _from_json(spec, inp["data"], shape)
+            feeds[name] = _from_json(spec, inp, shape)
         else:
             raise BadRequest(f"input {name!r}: needs 'data' or parameters.binary_data_size")
     if len(feeds) != len(model.inputs):
@@ -295,20 +335,37 @@ def encode(
     model: OnnxModel, request: InferRequest, results: list[Any]
 ) -> tuple[bytes, int | None]:
     """Return the response body and, when tensors travel as binary, the JSON header length."""
+    head, chunks = encode_parts(model, request, results)
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
+
+
+def encode_parts(
+    model: OnnxModel, request: InferRequest, results: list[Any]
+) -> tuple[bytes, list[bytes | memoryview]]:
+    """Like :func:`encode`, with the body in pieces: the JSON, then each binary tensor.
+
+    Binary tensors are byte views of the result arrays, not copies, so a large answer
+    can be written to the socket straight from ONNX Runtime's output. The JSON
+    header's length is ``len(head)`` when there are binary pieces.
+    """
     outputs = []
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     for name, arr in zip(request.outputs, results, strict=True):
         if not isinstance(arr, np.ndarray):
             arr = np.asarray(arr)
         datatype = from_numpy(arr.dtype)
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if name in request.binary_outputs:
+            raw: bytes | memoryview
             if datatype == "BYTES":
                 raw = b"".join(
                     _LEN.pack(len(b)) + b for b in (s.encode() for s in _bytes_elements(arr))
                 )
             else:
-                raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+                flat = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
+                raw = flat.view(np.uint8).data
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
@@ -323,7 +380,4 @@ def encode(
     }
     if request.id is not None:
         resp["id"] = request.id
-    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return head, None
-    return head + b"".join(chunks), len(head)
+    return orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY), chunks

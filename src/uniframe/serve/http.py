@@ -12,11 +12,21 @@ Supported: keep-alive and pipelining, ``Content-Length`` and chunked bodies,
 body size (431, 413), idle connection timeouts, and a graceful drain on
 SIGTERM (stop accepting, answer ``/v2/health/ready`` with 503, finish what
 was received, then exit).
+
+Large requests (``memory.LARGE`` and up) take a path of their own, because a
+replica's memory is fixed (:mod:`uniframe.serve.memory`): the body is received
+straight into one buffer of its announced size (no growing buffer, no copy to
+hand it over), the answer is written with ``sendmsg`` from its pieces (no
+concatenation, no copy of what the socket did not take), and once the answer is
+out the freed heap goes back to the system (``malloc_trim``), so a replica that
+served one big request does not keep its peak. Small requests never touch any of
+it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import selectors
 import signal
@@ -26,6 +36,7 @@ import threading
 import time
 import traceback
 import zlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -41,6 +52,7 @@ from uniframe.serve.errors import (
     ServeError,
     TooLarge,
 )
+from uniframe.serve.memory import JSON_COST_FACTOR, LARGE
 from uniframe.serve.metrics import Metrics
 from uniframe.serve.model import OnnxModel
 
@@ -55,22 +67,53 @@ JSON = b"application/json"
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 _CHUNK_END = b"\r\n0\r\n"
 
-Response = tuple[int, bytes, bytes, bytes]  # status, body, content type, extra header lines
+Payload = bytes | list[bytes | memoryview]  # one piece, or pieces written as they are
+Response = tuple[int, Payload, bytes, bytes]  # status, body, content type, extra header lines
+_IOV_MAX = 64  # pieces per sendmsg; the kernel's limit is 1024
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on a libc without it (musl) or without ctypes."""
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the heap freed by a large request to the system.
+
+    glibc keeps freed memory for reuse: blocks under its mmap threshold (which it
+    raises to the largest block freed, up to 32 MiB) stay in the heap, so without
+    this a replica would stay at a large request's peak. Costs a walk of the heap,
+    so it runs only after large requests.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class _Conn:
-    __slots__ = ("addr", "close_after", "discard", "head", "inbuf", "last", "outbuf", "sent_continue", "sock")
+    __slots__ = ("addr", "body", "close_after", "discard", "got", "head", "inbuf", "last",
+                 "outbuf", "outq", "sent_continue", "sock", "trim")
 
     def __init__(self, sock: socket.socket, addr: Any) -> None:
         self.sock = sock
         self.addr = addr
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        self.outq: deque[memoryview] | None = None  # a large answer's unsent pieces
+        self.body: bytearray | None = None  # a large body being received in place
+        self.got = 0  # bytes of ``body`` received
         self.head: _Head | None = None
         self.last = time.monotonic()
         self.close_after = False
         self.discard = False  # write side shut: read and drop until EOF, then close
         self.sent_continue = False
+        self.trim = False  # give memory back once the pending answer is out
 
 
 class _Head:
@@ -182,7 +225,7 @@ class Server:
             )
         raise NotFound(f"no route for {text!r}")  # pragma: no cover - exact routes cover the rest
 
-    def _handle(self, head: _Head, body: bytes) -> Response:
+    def _handle(self, head: _Head, body: bytes | bytearray) -> Response:
         path = head.target.split(b"?", 1)[0]
         kind, model = self._route(path)
         method = head.method
@@ -211,7 +254,7 @@ class Server:
             return (200 if ready else 503), orjson.dumps({"name": model.name, "ready": ready}), JSON, b""
         return 200, orjson.dumps(model.metadata()), JSON, b""
 
-    def _infer(self, model: OnnxModel, head: _Head, body: bytes) -> Response:
+    def _infer(self, model: OnnxModel, head: _Head, body: bytes | bytearray) -> Response:
         raw_len = head.headers.get(b"inference-header-content-length")
         header_length: int | None = None
         if raw_len is not None:
@@ -223,12 +266,20 @@ class Server:
                 raise BadRequest(
                     f"Inference-Header-Content-Length must be a non-negative integer, got {raw_len!r}"
                 ) from None
-        request = codec.decode(model, body, header_length)
-        results = model.run(request.feeds, request.outputs)
-        payload, json_len = codec.encode(model, request, results)
-        if json_len is None:
-            return 200, payload, JSON, b""
-        return 200, payload, b"application/octet-stream", b"Inference-Header-Content-Length: %d\r\n" % json_len
+        request = codec.decode(model, body, header_length,
+                               max_json_cost=JSON_COST_FACTOR * self.max_body_size)
+        feeds, request.feeds = request.feeds, {}
+        results = model.run(feeds, request.outputs)
+        del feeds
+        if isinstance(body, bytearray):  # our own buffer: its tensors are gone, so is its use
+            with contextlib.suppress(BufferError):
+                body.clear()
+        head_json, chunks = codec.encode_parts(model, request, results)
+        del results
+        if not chunks:
+            return 200, head_json, JSON, b""
+        return (200, [head_json, *chunks], b"application/octet-stream",
+                b"Inference-Header-Content-Length: %d\r\n" % len(head_json))
 
     # -- connection handling ---------------------------------------------------------------
 
@@ -260,8 +311,15 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
+        conn.body = conn.outq = None
+        if conn.trim:
+            conn.trim = False
+            give_back_memory()
 
     def _read(self, conn: _Conn) -> None:
+        if conn.body is not None:
+            self._read_body(conn)
+            return
         try:
             data = conn.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
@@ -278,9 +336,27 @@ class Server:
         conn.inbuf += data
         self._process(conn)
 
+    def _read_body(self, conn: _Conn) -> None:
+        """Receive more of a large body straight into its buffer, never past its end."""
+        assert conn.body is not None
+        with memoryview(conn.body) as view:
+            try:
+                n = conn.sock.recv_into(view[conn.got:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+        if not n:
+            self._close(conn)
+            return
+        conn.last = time.monotonic()
+        conn.got += n
+        if conn.got == len(conn.body):
+            self._process(conn)
+
     def _process(self, conn: _Conn) -> None:
         """Answer every complete request in the buffer, in order, while output is not backed up."""
-        while not conn.outbuf and not conn.close_after:
+        while not conn.outbuf and conn.outq is None and not conn.close_after:
             buf = conn.inbuf
             head = conn.head
             if head is None:
@@ -310,6 +386,8 @@ class Server:
                         f"request body of {head.length} bytes exceeds the limit of "
                         f"{self.max_body_size} bytes (--max-body-size)"), close=True)
                     return
+                if head.length >= LARGE and not head.chunked:
+                    self._receive_in_place(conn, head.length)
             try:
                 body = self._take_body(conn, head)
             except ServeError as exc:
@@ -321,8 +399,28 @@ class Server:
                     self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
                 return
             conn.head = None
+            large = len(body) >= LARGE
             self._dispatch(conn, head, body)
             self.metrics.inflight -= 1
+            if large:
+                del body
+                self._after_large(conn)
+
+    def _receive_in_place(self, conn: _Conn, length: int) -> None:
+        """Receive a large body into one buffer of its size; what already arrived moves first."""
+        body = bytearray(length)
+        buf = conn.inbuf
+        n = min(len(buf), length)
+        body[:n] = buf[:n]
+        del buf[:n]
+        conn.body, conn.got = body, n
+
+    def _after_large(self, conn: _Conn) -> None:
+        """Give memory back after a large request: now, or once its answer is written."""
+        if conn.outq is not None or conn.outbuf:
+            conn.trim = True
+        else:
+            give_back_memory()
 
     def _parse_head(self, raw: bytes) -> _Head:
         lines = raw.split(b"\r\n")
@@ -358,9 +456,14 @@ class Server:
                     raise BadRequest(f"Content-Length {raw_len[:40]!r} is not a number") from None
         return _Head(method, target, headers, keep_alive, length, chunked)
 
-    def _take_body(self, conn: _Conn, head: _Head) -> bytes | None:
+    def _take_body(self, conn: _Conn, head: _Head) -> bytes | bytearray | None:
         buf = conn.inbuf
-        if head.chunked:
+        body: bytes | bytearray
+        if conn.body is not None:
+            if conn.got < len(conn.body):
+                return None
+            body, conn.body = conn.body, None
+        elif head.chunked:
             if not (buf.startswith(b"0\r\n") or _CHUNK_END in buf):
                 if len(buf) > self.max_body_size + 65536:
                     raise TooLarge(f"chunked request body exceeds {self.max_body_size} bytes")
@@ -380,8 +483,8 @@ class Server:
             body = self._decompress(body, encoding)
         return body
 
-    def _dechunk(self, buf: bytearray) -> tuple[bytes, int] | None:
-        parts: list[bytes] = []
+    def _dechunk(self, buf: bytearray) -> tuple[bytearray, int] | None:
+        parts: list[tuple[int, int]] = []  # (start, size): copied once, when the body is complete
         pos = total = 0
         while True:
             eol = buf.find(b"\r\n", pos)
@@ -397,16 +500,22 @@ class Server:
                 end = buf.find(b"\r\n\r\n", pos - 2)  # skip trailers, if any
                 if end < 0:
                     return None
-                return b"".join(parts), end + 4
+                body = bytearray(total)
+                at = 0
+                with memoryview(buf) as view:
+                    for start, size in parts:
+                        body[at : at + size] = view[start : start + size]
+                        at += size
+                return body, end + 4
             total += size
             if total > self.max_body_size:
                 raise TooLarge(f"chunked request body exceeds {self.max_body_size} bytes")
             if len(buf) < pos + size + 2:
                 return None
-            parts.append(bytes(buf[pos : pos + size]))
+            parts.append((pos, size))
             pos += size + 2
 
-    def _decompress(self, body: bytes, encoding: bytes) -> bytes:
+    def _decompress(self, body: bytes | bytearray, encoding: bytes) -> bytes:
         wbits = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}.get(encoding)
         if wbits is None:
             err = ServeError(f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; use gzip or deflate")
@@ -421,7 +530,8 @@ class Server:
             raise TooLarge(f"decompressed body exceeds {self.max_body_size} bytes")
         return out
 
-    def _dispatch(self, conn: _Conn, head: _Head, body: bytes) -> None:
+    def _dispatch(self, conn: _Conn, head: _Head, body: bytes | bytearray) -> None:
+        payload: Payload
         try:
             status, payload, ctype, extra = self._handle(head, body)
         except ServeError as exc:
@@ -437,19 +547,20 @@ class Server:
         if hit is not None and hit[1] is not None and hit[0] == "infer":
             self.metrics.record(hit[1].name, hit[1].version, status, elapsed)
         keep = head.keep_alive and not self.draining
-        if head.method == b"HEAD":
-            payload_out = b""
-            length = len(payload)
-        else:
-            payload_out, length = payload, len(payload)
+        length = len(payload) if isinstance(payload, bytes) else sum(len(p) for p in payload)
         out = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n" % (
             status, REASONS.get(status, b"Unknown"), ctype, length, extra,
             b"" if keep else b"Connection: close\r\n",
         )
         if self.access_log:
             print(f"{conn.addr[0]} {head.method.decode()} {head.target.decode('latin-1')} "
-                  f"{status} {len(payload)} {elapsed * 1000:.3f}ms", file=sys.stderr)
-        self._send(conn, out + payload_out)
+                  f"{status} {length} {elapsed * 1000:.3f}ms", file=sys.stderr)
+        if head.method == b"HEAD":
+            self._send(conn, out)
+        elif length < LARGE:
+            self._send(conn, out + (payload if isinstance(payload, bytes) else b"".join(payload)))
+        else:
+            self._send_parts(conn, [out, payload] if isinstance(payload, bytes) else [out, *payload])
         if not keep:
             self._finish(conn)
 
@@ -467,7 +578,8 @@ class Server:
         """Close once the answer is out; unread input is drained first so the peer sees it."""
         conn.close_after = True
         conn.inbuf.clear()
-        if not conn.outbuf:
+        conn.body = None
+        if not conn.outbuf and conn.outq is None:
             self._half_close(conn)
 
     def _half_close(self, conn: _Conn) -> None:
@@ -480,6 +592,9 @@ class Server:
         conn.last = time.monotonic()
 
     def _send(self, conn: _Conn, data: bytes) -> None:
+        if conn.outq is not None:  # behind a large answer: keep the order
+            conn.outq.append(memoryview(data))
+            return
         if conn.outbuf:
             conn.outbuf += data
             return
@@ -494,17 +609,59 @@ class Server:
             conn.outbuf += data[sent:]
             self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
+    def _send_parts(self, conn: _Conn, parts: list[bytes | memoryview]) -> None:
+        """Write a large answer from its pieces; what the socket does not take waits in ``outq``."""
+        queue = deque(memoryview(p) for p in parts if len(p))
+        if conn.outbuf:  # never behind a small answer, but keep the order if it happens
+            queue.appendleft(memoryview(bytes(conn.outbuf)))
+            conn.outbuf.clear()
+        conn.outq = queue
+        if self._pump(conn) and conn.outq is not None:
+            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def _pump(self, conn: _Conn) -> bool:
+        """Send from ``outq`` until the socket is full or the queue empty (then ``outq`` is None).
+
+        False when the connection broke and was closed.
+        """
+        queue = conn.outq
+        assert queue is not None
+        while queue:
+            try:
+                sent = conn.sock.sendmsg(list(queue)[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self._close(conn)
+                return False
+            while sent:
+                first = queue[0]
+                if sent < len(first):
+                    queue[0] = first[sent:]
+                    break
+                sent -= len(first)
+                queue.popleft()
+        conn.outq = None
+        return True
+
     def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
-            return
-        del conn.outbuf[:sent]
-        if conn.outbuf:
-            return
+        if conn.outq is not None:
+            if not self._pump(conn) or conn.outq is not None:
+                return
+            if conn.trim:
+                conn.trim = False
+                give_back_memory()
+        else:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn)
+                return
+            del conn.outbuf[:sent]
+            if conn.outbuf:
+                return
         self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
         if conn.close_after:
             self._half_close(conn)
@@ -518,6 +675,7 @@ class Server:
             lingering = conn.discard and idle > 2.0
             idle_in_drain = (
                 self.draining and conn.head is None and not conn.inbuf and not conn.outbuf
+                and conn.outq is None
             )
             if lingering or idle > self.idle_timeout or idle_in_drain:
                 self._close(conn)

@@ -4,6 +4,11 @@ Sessions are created once at start-up with one intra-op thread by default:
 a replica serves many small requests from one event loop, and a thread pool
 that spins between requests costs more than it gives. Scale with replicas,
 or raise ``threads`` for large models.
+
+ONNX Runtime's CPU memory arena is off: the arena never returns what it
+grew to, so one large request would pin its tensors' size in the replica for
+good; plain malloc gives it back (see :func:`uniframe.serve.http.give_back_memory`)
+and measured no slower on small requests (bench/README.md, "Memory").
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class OnnxModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.enable_cpu_mem_arena = False
         opts.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainValidator,
     Tag,
+    ValidationError,
     model_validator,
 )
 
@@ -207,11 +208,77 @@ class ServiceHealthCheck(StrictModel):
     failure_threshold: int = Field(default=3, ge=1)
 
 
+MiB = 1024**2
+SERVER_RESERVE = 96 * MiB
+"""Replica memory that is not a request's: the server at rest with a small model measures
+59 MiB RSS (Python, numpy, ONNX Runtime, orjson); the rest is the guest kernel, page
+cache and allocator slack."""
+MODEL_FACTOR = 2
+"""A model's weights stay in memory once and twice while ONNX Runtime loads them: a 38 MiB
+MatMul model measured +39 MiB at rest and +76 MiB at the start-up peak, which must fit too."""
+PEAK_FACTOR = 6
+"""A request's peak memory over the server at rest, in body limits: the server's own
+bound (``uniframe.serve.memory.PEAK_FACTOR``; tests/serve/test_memory.py holds them equal
+and measures it)."""
+DEFAULT_MAX_BODY_CEILING = 64 * MiB
+"""The derived limit never exceeds this however large the replica: bigger bodies are asked for."""
+MIN_MAX_BODY = 1 * MiB
+"""A replica that cannot take a 1 MiB body cannot serve ordinary requests either."""
+
+
+def _mib(n: int) -> str:
+    return f"{n // MiB}Mi" if n % MiB == 0 else f"{n / MiB:.1f}Mi"
+
+
+class BodyLimitError(ValueError):
+    """A body limit, asked for or derived, that the replica's memory cannot serve."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field  # what to change: "maxBodySize" or "memory"
+
+
 class Server(StrictModel):
     """Knobs of the model server inside the image (``uniframe.serve``)."""
 
     threads: int = Field(default=1, ge=1)
-    max_body_size: Size = 64 * 1024**2
+    max_body_size: Size | None = Field(
+        default=None, gt=0,
+        description="the largest request body; unset, the largest that resources.memory "
+                    "can serve (26Mi for 256Mi, at most 64Mi); set, it must fit it")
+
+    def body_limit(self, memory: int, model_bytes: int = 0) -> int:
+        """The largest request body, in bytes, a replica of ``memory`` bytes can serve.
+
+        Why: a body costs the server up to ``PEAK_FACTOR`` times its size (orjson's
+        copy and Python objects of a JSON body; the server refuses JSON that would cost
+        more), so a limit that ignores memory lets one legal request kill a replica: a
+        64 MiB limit drove a 256 MiB replica to a 916 MiB peak. The rule:
+        ``(memory - SERVER_RESERVE - MODEL_FACTOR x model) / PEAK_FACTOR``, in whole
+        MiB, at most ``DEFAULT_MAX_BODY_CEILING``; ``maxBodySize`` wins when it fits.
+        ``model_bytes`` is the model file's size: the spec does not know it and passes
+        0, the builder checks again with it. Raises :class:`BodyLimitError`.
+        """
+        room = memory - SERVER_RESERVE - MODEL_FACTOR * model_bytes
+        fits = max(room, 0) // PEAK_FACTOR
+        model = f" and {MODEL_FACTOR}x the {_mib(model_bytes)} model" if model_bytes else ""
+        why = (f"a request takes up to {PEAK_FACTOR}x the body limit on top of "
+               f"{_mib(SERVER_RESERVE)} for the server{model}")
+        if self.max_body_size is not None:
+            if self.max_body_size > fits:
+                raise BodyLimitError(
+                    f"maxBodySize {_mib(self.max_body_size)} does not fit resources.memory "
+                    f"{_mib(memory)}: {why}, so at most {_mib(fits // MiB * MiB)} fits; lower "
+                    "maxBodySize or raise resources.memory", "maxBodySize")
+            return self.max_body_size
+        limit = min(DEFAULT_MAX_BODY_CEILING, fits // MiB * MiB)
+        if limit < MIN_MAX_BODY:
+            need = SERVER_RESERVE + MODEL_FACTOR * model_bytes + PEAK_FACTOR * MIN_MAX_BODY
+            raise BodyLimitError(
+                f"resources.memory {_mib(memory)} is too small for the model server: {why}, "
+                f"and a {_mib(MIN_MAX_BODY)} body must fit; give it at least {_mib(need)}",
+                "memory")
+        return limit
 
 
 RootFormat = Literal["squashfs", "initramfs"]
@@ -258,6 +325,26 @@ class InferenceServiceSpec(StrictModel):
             self.replicas = 1
         if self.kernel is not None and self.runtime in ("container", "process"):
             raise ValueError(f"kernel applies to runtimes unikernel and vm, not {self.runtime}")
+        return self
+
+    @model_validator(mode="after")
+    def _body_fits_memory(self) -> InferenceServiceSpec:
+        """A body limit the memory cannot serve would let one legal request kill a replica.
+
+        The model's size is not known here (the builder checks again with it), so this
+        catches only what cannot fit whatever the model.
+        """
+        try:
+            self.server.body_limit(self.resources.memory)
+        except BodyLimitError as exc:
+            # Raised as a ValidationError to point at the field to change, not at spec.
+            if exc.field == "maxBodySize":
+                loc, value = ("server", "maxBodySize"), self.server.max_body_size
+            else:
+                loc, value = ("resources", "memory"), self.resources.memory
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                {"type": "value_error", "loc": loc, "input": value, "ctx": {"error": exc}},
+            ]) from None
         return self
 
 
