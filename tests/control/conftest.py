@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from control_helpers import LiveDaemon, running_daemon
 from pgserver import PgServer, start_server
 
 from uniframe.control.store import Store
@@ -49,3 +50,16 @@ def store(store_target: str) -> Iterator[Store]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveDaemon]:
+    """A real daemon in this process on loopback TCP, with its data, state and token under the
+    test's own directory, and the CLI pointed at it (``$UNIFRAME_DAEMON``, ``$UNIFRAME_TOKEN``)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("UNIFRAME_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
+    monkeypatch.setenv("UNIFRAME_STORE", str(tmp_path / "unused.db"))
+    with running_daemon(tmp_path / "state.db", tmp_path) as daemon:
+        monkeypatch.setenv("UNIFRAME_DAEMON", daemon.url)
+        yield daemon

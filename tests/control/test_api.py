@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from control_helpers import SERVICE, LiveDaemon, running_daemon, service_yaml, until
+from control_helpers import SERVICE, LiveDaemon, service_yaml, until
 
 from uniframe.build.examples import write_iris
 from uniframe.control.api_logs import tail
@@ -35,15 +35,6 @@ IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
 def iris(tmp_path: Path) -> Path:
     """The model under the test's own directory, which the test daemon lets specs name."""
     return write_iris(tmp_path / "iris")
-
-
-@pytest.fixture
-def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveDaemon]:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("UNIFRAME_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
-    with running_daemon(tmp_path / "state.db", tmp_path) as daemon:
-        yield daemon
 
 
 @pytest.fixture

@@ -11,20 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from control_helpers import LiveDaemon, running_daemon
-
-
-@pytest.fixture
-def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveDaemon]:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("UNIFRAME_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
-    with running_daemon(tmp_path / "state.db", tmp_path) as daemon:
-        yield daemon
+from control_helpers import LiveDaemon
 
 
 class Conn:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import joblib
 import numpy as np
 import onnxruntime as ort
 import pytest
-from control_helpers import LiveDaemon, running_daemon
+from control_helpers import LiveDaemon
 from typer.testing import CliRunner, Result
 
 import uniframe.cli.main  # noqa: F401  (registers every command)
@@ -32,17 +31,6 @@ from uniframe.cli.app import app
 
 def cli(*args: str) -> Result:
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
-@pytest.fixture
-def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveDaemon]:
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("UNIFRAME_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
-    monkeypatch.setenv("UNIFRAME_STORE", str(tmp_path / "unused.db"))
-    with running_daemon(tmp_path / "state.db", tmp_path) as daemon:
-        monkeypatch.setenv("UNIFRAME_DAEMON", daemon.url)
-        yield daemon
 
 
 @pytest.fixture
