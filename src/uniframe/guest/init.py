@@ -177,7 +177,8 @@ def main(cmdline_path: str = "/proc/cmdline") -> NoReturn:
 def _mount_all() -> None:
     for result in mounts.mount_all():
         if result.outcome not in (mounts.MOUNTED, mounts.ALREADY):
-            say(f"{result.target} ({result.fstype}): {result.outcome}")
+            kept = f": {', '.join(result.kept)}" if result.kept else ""
+            say(f"{result.target} ({result.fstype}): {result.outcome}{kept}")
 
 
 def _setup_network(config: GuestConfig) -> None:

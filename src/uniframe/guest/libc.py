@@ -20,9 +20,13 @@ import functools
 import os
 
 # <sys/mount.h>
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
 # <sys/reboot.h>: restart the machine; with reboot=t and QEMU's -no-reboot, QEMU exits.
 RB_AUTOBOOT = 0x01234567
 # <linux/prctl.h>
