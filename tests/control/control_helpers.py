@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniframe.control.daemon import Daemon, DaemonConfig
+from uniframe.control.api.server import Daemon, DaemonConfig
 from uniframe.control.reconciler import Reconciler
 from uniframe.control.store import ObjectRecord, Store
 

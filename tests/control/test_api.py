@@ -21,10 +21,10 @@ import pytest
 from control_helpers import SERVICE, LiveDaemon, service_yaml, until
 
 from uniframe.build.examples import write_iris
-from uniframe.control.api_logs import tail
-from uniframe.control.api_routes import ROUTES
-from uniframe.control.daemon import MAX_BODY
-from uniframe.control.openapi import OPENAPI
+from uniframe.control.api.logs import tail
+from uniframe.control.api.openapi import OPENAPI
+from uniframe.control.api.routes import ROUTES
+from uniframe.control.api.server import MAX_BODY
 from uniframe.runtime.driver import driver_for
 
 IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 import uniframe.cli.main  # noqa: F401  (registers every command)
 from uniframe.build.examples import write_iris
 from uniframe.cli.app import app
-from uniframe.control.api_routes import ROUTES
-from uniframe.control.daemon import Daemon, DaemonConfig
+from uniframe.control.api.routes import ROUTES
+from uniframe.control.api.server import Daemon, DaemonConfig
 from uniframe.control.reconciler import Reconciler
 from uniframe.control.store import Store
 
@@ -240,7 +240,7 @@ def test_the_cli_uploads_what_a_spec_names_and_converts_pickles_itself(daemon: D
 
 
 def test_tcp_off_loopback_needs_tls_or_an_explicit_insecure_flag(home: Path) -> None:
-    from uniframe.control.auth import CredentialError
+    from uniframe.control.api.auth import CredentialError
 
     with pytest.raises(CredentialError, match="needs TLS"):
         DaemonConfig(socket=None, listen=("0.0.0.0", 0)).check()
@@ -260,7 +260,7 @@ def test_tls_listener_serves_the_api_to_a_client_that_trusts_its_certificate(
         with pytest.raises(httpx.ConnectError):  # an untrusted certificate is not accepted
             httpx.get(url + "/v1/objects", headers=bearer(d), timeout=10)
         monkeypatch.setenv("UNIFRAME_CA", str(cert))
-        from uniframe.control.client import DaemonClient
+        from uniframe.control.api.client import DaemonClient
 
         with DaemonClient(url) as client:  # the token from the daemon's file, the CA from env
             assert client.objects() == []

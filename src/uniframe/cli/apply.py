@@ -20,7 +20,7 @@ from rich.markup import escape
 from uniframe.cli import progress
 from uniframe.cli.app import app, console, err_console, fail
 from uniframe.cli.remote import DAEMON_OPTION, connect, split_ref
-from uniframe.control.client import DaemonClient, SpecRejectedError
+from uniframe.control.api.client import DaemonClient, SpecRejectedError
 from uniframe.errors import SpecError
 
 STDIN = "-"

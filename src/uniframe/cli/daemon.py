@@ -57,8 +57,8 @@ def daemon(
                                                "the CLI"),
 ) -> None:
     """Run the control plane: apply specs over its API, keep their replicas running."""
-    from uniframe.control import auth
-    from uniframe.control.daemon import Daemon, DaemonConfig
+    from uniframe.control.api import auth
+    from uniframe.control.api.server import Daemon, DaemonConfig
     from uniframe.control.reconciler import Reconciler
     from uniframe.control.store import Store
 

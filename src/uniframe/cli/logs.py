@@ -21,8 +21,8 @@ from uniframe.cli.app import app, console
 from uniframe.cli.get import print_events
 from uniframe.cli.output import OUTPUT_OPTION, check_output, print_data, when
 from uniframe.cli.remote import DAEMON_OPTION, connect, split_ref
-from uniframe.control.api_logs import tail as tail_of
-from uniframe.control.client import DaemonClient, DaemonUnavailableError
+from uniframe.control.api.client import DaemonClient, DaemonUnavailableError
+from uniframe.control.api.logs import tail as tail_of
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import find
 

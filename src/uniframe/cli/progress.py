@@ -23,7 +23,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from uniframe.cli.app import console
-from uniframe.control.client import DaemonClient
+from uniframe.control.api.client import DaemonClient
 from uniframe.errors import NotFoundError
 
 POLL_SECONDS = 0.5

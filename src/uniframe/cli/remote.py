@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from uniframe.control.client import DAEMON_ENV, DaemonClient
+from uniframe.control.api.client import DAEMON_ENV, DaemonClient
 
 DAEMON_OPTION: Any = typer.Option(
     None, "--daemon", envvar=DAEMON_ENV, show_envvar=True,

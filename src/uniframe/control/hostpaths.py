@@ -6,7 +6,7 @@ boot. Left unchecked, ``uri: /etc/shadow`` or ``image: /`` hands any file
 on the host to whoever can apply a spec. So a path is accepted only if,
 with every symlink resolved, it lies under an allowed root: the daemon's
 own upload directory (the CLI uploads the files a spec names, see
-:mod:`uniframe.control.uploads`) and the directories the operator lists
+:mod:`uniframe.control.api.uploads`) and the directories the operator lists
 with ``uniframe daemon --allow-path DIR``. Pickled models are refused
 outright: the daemon never unpickles (the CLI converts them on the user's
 side).

@@ -1,7 +1,7 @@
 """The daemon's API in OpenAPI 3, served at ``/openapi.json``.
 
 Written by hand rather than generated: the API is small, and a test holds
-this document and the route table (:data:`uniframe.control.api_routes.ROUTES`)
+this document and the route table (:data:`uniframe.control.api.routes.ROUTES`)
 to the same set of paths and methods, so neither can grow alone.
 """
 

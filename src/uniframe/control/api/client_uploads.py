@@ -27,7 +27,7 @@ from uniframe.spec import FileModel, InferenceService
 from uniframe.spec.loader import check_text
 
 if TYPE_CHECKING:
-    from uniframe.control.client import DaemonClient
+    from uniframe.control.api.client import DaemonClient
 
 
 def _set(data: dict[str, Any], dotted: str, value: str) -> None:

@@ -1,7 +1,7 @@
 """The daemon's routes as plain methods over the store, the registry and the drivers.
 
-Nothing here knows HTTP: :mod:`uniframe.control.api_routes` maps requests to
-these methods and :mod:`uniframe.control.daemon` frames the answers. The API
+Nothing here knows HTTP: :mod:`uniframe.control.api.routes` maps requests to
+these methods and :mod:`uniframe.control.api.server` frames the answers. The API
 only reads and writes the store (and reads replica logs); everything that
 starts or stops a replica happens in the reconciler, so a request never
 waits on a build or a boot.
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from uniframe.control import rollouts
-from uniframe.control.api_logs import LogSource, object_log, replica_log
-from uniframe.control.api_views import object_json, replica_json
+from uniframe.control.api.logs import LogSource, object_log, replica_log
+from uniframe.control.api.uploads import Uploads
+from uniframe.control.api.views import object_json, replica_json
 from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy import EndpointStatus
 from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
-from uniframe.control.uploads import Uploads
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import Driver, driver_for
 from uniframe.spec.loader import check_text

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from uniframe.control.api import Api, ApiError
-from uniframe.control.openapi import OPENAPI
+from uniframe.control.api.methods import Api, ApiError
+from uniframe.control.api.openapi import OPENAPI
 
 BodyKind = Literal["none", "text", "file"]
 

@@ -1,7 +1,7 @@
 """The daemon: the API over HTTP, and the reconciler in a background thread.
 
-This module only frames: it checks who is asking (:mod:`uniframe.control.auth`),
-matches a request against the route table (:mod:`uniframe.control.api_routes`),
+This module only frames: it checks who is asking (:mod:`uniframe.control.api.auth`),
+matches a request against the route table (:mod:`uniframe.control.api.routes`),
 reads the body a route wants, and writes the reply as JSON, text or a chunked
 stream; every error, down to a malformed request line, becomes a JSON
 ``{"error": ...}`` with its status. The standard library's threading HTTP
@@ -40,15 +40,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from uniframe.control import auth
-from uniframe.control.api import Api, ApiError
-from uniframe.control.api_routes import Reply, Request, Route, find_route
+from uniframe.control.api import auth
+from uniframe.control.api.methods import Api, ApiError
+from uniframe.control.api.openapi import OPENAPI
+from uniframe.control.api.routes import Reply, Request, Route, find_route
+from uniframe.control.api.uploads import Uploads
 from uniframe.control.hostpaths import PathPolicy
-from uniframe.control.openapi import OPENAPI
 from uniframe.control.proxy.unixsock import bind_private
 from uniframe.control.reconciler import Reconciler
 from uniframe.control.store import Store
-from uniframe.control.uploads import Uploads
 from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
 
 __all__ = ["MAX_BODY", "MAX_UPLOAD", "OPENAPI", "Api", "Daemon", "DaemonConfig"]

@@ -22,7 +22,7 @@ names a CA bundle for a daemon with a self-signed certificate.
 ``transport`` is httpx's seam for tests that want no server at all.
 
 :meth:`DaemonClient.apply` uploads the files a spec names and sends the spec
-naming the uploads (:mod:`uniframe.control.client_uploads`): the daemon reads
+naming the uploads (:mod:`uniframe.control.api.client_uploads`): the daemon reads
 no path a client chose.
 """
 
@@ -38,8 +38,8 @@ from urllib.parse import quote
 
 import httpx
 
-from uniframe.control.auth import CredentialError, client_token, default_socket
-from uniframe.control.uploads import file_sha256
+from uniframe.control.api.auth import CredentialError, client_token, default_socket
+from uniframe.control.api.uploads import file_sha256
 from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
 
 DAEMON_ENV = "UNIFRAME_DAEMON"
@@ -210,7 +210,7 @@ class DaemonClient:
         and must lie under a directory the daemon allows.
         """
         if upload:
-            from uniframe.control.client_uploads import upload_spec_files
+            from uniframe.control.api.client_uploads import upload_spec_files
 
             text = upload_spec_files(self, text, source, base)
         params: dict[str, Any] = {"dryRun": int(dry_run)}
