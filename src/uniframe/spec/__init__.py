@@ -22,6 +22,7 @@ from uniframe.spec.loader import (
     load_file,
     load_text,
 )
+from uniframe.spec.runtimes import RUNTIMES, ImageSource, RuntimeName, runtime_name
 from uniframe.spec.service import (
     Autoscaling,
     Canary,
@@ -39,7 +40,6 @@ from uniframe.spec.units import format_size, parse_size
 from uniframe.spec.workload import (
     CloudInit,
     HttpCheck,
-    ImageSource,
     PortMapping,
     TcpCheck,
     Workload,
@@ -51,6 +51,7 @@ from uniframe.spec.workload import (
 __all__ = [
     "API_VERSION",
     "KINDS",
+    "RUNTIMES",
     "Autoscaling",
     "BaseSpec",
     "Canary",
@@ -71,6 +72,7 @@ __all__ = [
     "Resources",
     "Rollout",
     "Runtime",
+    "RuntimeName",
     "Server",
     "ServiceHealthCheck",
     "Spec",
@@ -86,4 +88,5 @@ __all__ = [
     "load_file",
     "load_text",
     "parse_size",
+    "runtime_name",
 ]

@@ -26,11 +26,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from uniframe.spec.runtimes import Runtime as Runtime  # the names live in spec/runtimes.py
 from uniframe.spec.units import parse_size
 
 API_VERSION = "uniframe.dev/v1alpha1"
-
-Runtime = Literal["unikernel", "vm", "container", "process"]
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 

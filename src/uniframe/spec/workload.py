@@ -25,17 +25,12 @@ from uniframe.spec.common import (
     UrlPath,
     resolve_path,
 )
-
-ImageSource = Literal["store", "oci-layout", "oci-archive", "disk"]
-"""Where an image comes from: uniframe's image store, an OCI layout directory or archive, a VM disk."""
+from uniframe.spec.runtimes import RUNTIMES, ImageSource, runtime_for_source
 
 _DISK_SUFFIXES = (".raw", ".qcow2", ".img")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _PATH_PREFIXES = ("/", "./", "../", "~")
 _STORE_REF = re.compile(r"sha256:[0-9a-f]{64}|[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9._-]+)?")
-_RUNTIME_FOR: dict[ImageSource, Runtime] = {
-    "store": "unikernel", "oci-layout": "container", "oci-archive": "container", "disk": "vm",
-}
 
 
 def image_source(reference: str) -> ImageSource:
@@ -116,7 +111,7 @@ class WorkloadSpec(StrictModel):
     @classmethod
     def _runtime_from_image(cls, data: Any) -> Any:
         if isinstance(data, dict) and "runtime" not in data and isinstance(data.get("image"), str):
-            data = {**data, "runtime": _RUNTIME_FOR[image_source(data["image"])]}
+            data = {**data, "runtime": runtime_for_source(image_source(data["image"]))}
         return data
 
     @field_validator("image")
@@ -138,10 +133,10 @@ class WorkloadSpec(StrictModel):
     @model_validator(mode="after")
     def _fits_runtime(self) -> WorkloadSpec:
         source = self.image_source
-        if source == "disk" and self.runtime != "vm":
-            raise ValueError(f"a VM disk image runs only with runtime: vm, not {self.runtime}")
-        if source in ("oci-layout", "oci-archive") and self.runtime != "container":
-            raise ValueError(f"an OCI image runs only with runtime: container, not {self.runtime}")
+        if source != "store" and source not in RUNTIMES[self.runtime].foreign_sources:
+            what = "a VM disk image" if source == "disk" else "an OCI image"
+            raise ValueError(f"{what} runs only with runtime: {runtime_for_source(source)}, "
+                             f"not {self.runtime}")
         if self.cloud_init is not None and self.runtime != "vm":
             raise ValueError(f"cloudInit applies only to runtime: vm, not {self.runtime}")
         if source == "disk" and (self.command is not None or self.args is not None):
