@@ -32,6 +32,7 @@ from typing import ClassVar
 from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaStatus
+from uniframe.runtime.snapshot import Snapshot
 
 REPLICA_FILE = "replica.json"
 
@@ -141,6 +142,22 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def logs(self, ref: str, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
         """The replica's console or stdout/stderr, from ``offset``; ``follow`` until it stops."""
+
+    # -- optional: snapshots (drivers with the "snapshot" capability override both) --------
+
+    def snapshot(self, ref: str) -> Snapshot:
+        """Save the running replica so :meth:`restore` can bring it back (see runtime.snapshot)."""
+        raise RuntimeDriverError(
+            f"the {self.kind} driver cannot snapshot replicas (it lacks the 'snapshot' "
+            f"capability); {ref!r} stays as it is: stop it instead, or run it on a driver "
+            "that can (see 'uniframe runtimes')")
+
+    def restore(self, snapshot: Snapshot, config: ReplicaConfig) -> Replica:
+        """A new, running replica from ``snapshot``, which must be valid for ``config``."""
+        raise RuntimeDriverError(
+            f"the {self.kind} driver cannot restore snapshots (it lacks the 'snapshot' "
+            f"capability); snapshot {snapshot.id} was taken by {snapshot.driver}: restore it "
+            "there, or create and start a replica instead")
 
 
 def driver_for(kind: str, root: Path | None = None) -> Driver:
