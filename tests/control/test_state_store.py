@@ -14,8 +14,7 @@ import pytest
 from control_helpers import python_script, raw_query
 from pgserver import PgServer
 
-from uniframe.build.modelstore import ModelVersion
-from uniframe.control.store import SCHEMA_VERSION, Store, spec_digest
+from uniframe.control.store import SCHEMA_VERSION, ModelRecord, Store, spec_digest
 from uniframe.control.store.dialect import Integrity, redact
 from uniframe.errors import ConflictError, NotFoundError, StateError
 
@@ -24,11 +23,11 @@ SPEC = {"apiVersion": "uniframe.dev/v1alpha1", "kind": SVC, "metadata": {"name":
         "spec": {"model": "iris@1", "replicas": 1}}
 
 
-def _model(name: str = "iris", version: str = "1", sha: str = "ab" * 32) -> ModelVersion:
-    return ModelVersion(name, version, sha, "onnx",
-                        [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}],
-                        [{"name": "label", "datatype": "INT64", "shape": [-1]}],
-                        518, 1700000000.25, {"owner": "ml"})
+def _model(name: str = "iris", version: str = "1", sha: str = "ab" * 32) -> ModelRecord:
+    return ModelRecord(name, version, sha, "onnx",
+                       [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}],
+                       [{"name": "label", "datatype": "INT64", "shape": [-1]}],
+                       518, 1700000000.25, {"owner": "ml"})
 
 
 def test_open_migrates_once_and_reopens(store_target: str) -> None:

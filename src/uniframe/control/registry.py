@@ -35,11 +35,28 @@ from uniframe.build.modelstore import (
     parse_ref,
     prepare_model,
 )
-from uniframe.control.store import Store, Tx
+from uniframe.control.store import ModelRecord, Store, Tx
 from uniframe.errors import ConflictError, ModelError, NotFoundError
 
 MODEL_EVENT_KIND = "Model"
 """Registry events are filed under object kind ``Model`` and the model's name."""
+
+
+def _row(model: ModelVersion) -> ModelRecord:
+    """The store's index row for a version (the store keeps its own record, free of build)."""
+    return ModelRecord(name=model.name, version=model.version, sha256=model.sha256,
+                       format=model.format, inputs=model.inputs, outputs=model.outputs,
+                       size=model.size, created_at=model.created_at, metadata=model.metadata)
+
+
+def _version(row: ModelRecord) -> ModelVersion:
+    return ModelVersion(name=row.name, version=row.version, sha256=row.sha256, format=row.format,
+                        inputs=row.inputs, outputs=row.outputs, size=row.size,
+                        created_at=row.created_at, metadata=row.metadata)
+
+
+def _versions(tx: Tx, name: str | None = None) -> builtins.list[ModelVersion]:
+    return [_version(row) for row in tx.list_models(name)]
 
 
 @dataclass(frozen=True)
@@ -112,7 +129,7 @@ class Registry:
     def list(self, name: str | None = None) -> builtins.list[ModelVersion]:
         """Every version, by name and then in the order they were pushed."""
         with self.store.tx(readonly=True) as tx:
-            return tx.list_models(name)
+            return _versions(tx, name)
 
     def inspect(self, name: str, version: int | str) -> ModelVersion:
         version = normalize_version(version)
@@ -149,13 +166,13 @@ class Registry:
         return self._get(tx, name, version)
 
     def _get(self, tx: Tx, name: str, version: str) -> ModelVersion:
-        model = tx.get_model(name, version)
-        if model is None:
+        row = tx.get_model(name, version)
+        if row is None:
             others = ", ".join(m.version for m in tx.list_models(name))
             hint = (f"versions of {name}: {others}" if others
                     else f"push it with `uniframe model push FILE --name {name}`")
             raise NotFoundError(f"model {name}@{version} is not in the registry; {hint}")
-        return model
+        return _version(row)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -176,14 +193,15 @@ class Registry:
         try:
             with self.store.tx() as tx:
                 tx.lock(_blob_lock(prepared.sha256))
-                existing = tx.list_models(name)
+                existing = _versions(tx, name)
                 same = [m for m in existing if m.sha256 == prepared.sha256]
                 if wanted is None and same:
                     self._ensure_files(same[-1], prepared.data)
                     return Pushed(same[-1], False)
                 if wanted is not None:
-                    current = tx.get_model(name, wanted)
-                    if current is not None:
+                    row = tx.get_model(name, wanted)
+                    if row is not None:
+                        current = _version(row)
                         if current.sha256 != prepared.sha256:
                             raise ConflictError(
                                 f"model {current.ref} already exists with other content "
@@ -193,7 +211,7 @@ class Registry:
                         return Pushed(current, False)
                 model = new_version(name, wanted or _next_version(existing), prepared, metadata)
                 tx.lock(_version_lock(model.name, model.version))
-                tx.add_model(model)
+                tx.add_model(_row(model))
                 tx.add_event(MODEL_EVENT_KIND, name, "Pushed",
                              f"{model.ref}: {model.format}, {model.size} bytes, "
                              f"sha256 {model.sha256[:12]}")
@@ -245,7 +263,7 @@ class Registry:
         one) is left alone: :meth:`resolve` then says the file is missing.
         """
         with self.store.tx(readonly=True) as tx:
-            rows = {m.ref: m for m in tx.list_models()}
+            rows = {m.ref: m for m in _versions(tx)}
         for model in rows.values():
             try:
                 current = self.files.read_record(model.name, model.version)

@@ -118,3 +118,28 @@ class RolloutRecord:
     message: str
     started_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One row of the model registry's index: a pushed model version as the store keeps it.
+
+    The store owns its own record rather than borrowing the build layer's
+    :class:`~uniframe.build.modelstore.ModelVersion` (the file record a build
+    reads), so the store imports nothing above it; the registry, which sees
+    both, converts at its edge.
+    """
+
+    name: str
+    version: str
+    sha256: str
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    size: int
+    created_at: float
+    metadata: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"

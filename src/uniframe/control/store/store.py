@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from uniframe.build.modelstore import ModelVersion
 from uniframe.control.store.dialect import (
     Connection,
     Integrity,
@@ -45,6 +44,7 @@ from uniframe.control.store.records import (
     Endpoint,
     Event,
     EventType,
+    ModelRecord,
     ObjectRecord,
     ReplicaRecord,
     Revision,
@@ -243,10 +243,10 @@ def _event(row: Sequence[Any]) -> Event:
                  type=row[5], reason=row[6], message=row[7])
 
 
-def _model(row: Sequence[Any]) -> ModelVersion:
-    return ModelVersion(name=row[0], version=row[1], sha256=row[2], format=row[3],
-                    inputs=json.loads(row[4]), outputs=json.loads(row[5]), size=int(row[6]),
-                    created_at=float(row[7]), metadata=json.loads(row[8]))
+def _model(row: Sequence[Any]) -> ModelRecord:
+    return ModelRecord(name=row[0], version=row[1], sha256=row[2], format=row[3],
+                       inputs=json.loads(row[4]), outputs=json.loads(row[5]), size=int(row[6]),
+                       created_at=float(row[7]), metadata=json.loads(row[8]))
 
 
 class Tx:
@@ -597,7 +597,7 @@ class Tx:
 
     # -- models (the registry's index; the files are uniframe.build.modelstore's) -----------
 
-    def add_model(self, model: ModelVersion) -> ModelVersion:
+    def add_model(self, model: ModelRecord) -> ModelRecord:
         self._check_writable()
         if self.get_model(model.name, model.version) is not None:
             raise ConflictError(f"model {model.ref} already exists; versions are immutable, "
@@ -612,12 +612,12 @@ class Tx:
                                 "push again for the next version") from None
         return model
 
-    def get_model(self, name: str, version: str) -> ModelVersion | None:
+    def get_model(self, name: str, version: str) -> ModelRecord | None:
         rows = self._run(f"SELECT {_MODEL_COLUMNS} FROM models WHERE name = ? AND version = ?",
                          (name, version))
         return _model(rows[0]) if rows else None
 
-    def list_models(self, name: str | None = None, *, sha256: str | None = None) -> list[ModelVersion]:
+    def list_models(self, name: str | None = None, *, sha256: str | None = None) -> list[ModelRecord]:
         """Model versions by name, oldest first within a name."""
         conds: list[str] = []
         params: list[Any] = []
