@@ -15,7 +15,7 @@ import pytest
 
 from uniframe.build import oci
 from uniframe.build.store import ImageStore
-from uniframe.errors import BuildError, ImageError
+from uniframe.errors import ImageError
 
 
 def make_root(root: Path) -> Path:
@@ -271,60 +271,6 @@ def test_store_keeps_oci_images_by_digest(tmp_path: Path) -> None:
     assert image.digest == again.digest and image.kind == "oci"
     resolved = store.resolve("app:1")
     assert oci.read_layout(resolved.dir).manifest_digest == oci.read_layout(tmp_path / "img").manifest_digest
-
-
-# -- runtime config ------------------------------------------------------------
-
-
-def test_runtime_config_isolates_and_limits(tmp_path: Path) -> None:
-    root = make_root(tmp_path / "root")
-    image = oci.ImageConfig(entrypoint=("/bin/app",), cmd=("-v",), env={"A": "1"}, workdir="/srv",
-                            user="app")
-    netns = Path("/run/netns/uf-test")
-    config = oci.runtime_config(image, oci.RuntimeOptions(
-        netns=netns, cgroups_path="/uniframe-x", cpus=1.5, memory_mib=256, readonly_rootfs=True,
-        env={"B": "2"}, mounts=(oci.BindMount(tmp_path, "/model"),)), root)
-    proc = config["process"]
-    assert proc["args"] == ["/bin/app", "-v"] and proc["cwd"] == "/srv"
-    assert {"A=1", "B=2"} <= set(proc["env"])
-    assert proc["user"] == {"uid": 1000, "gid": 1001}
-    assert proc["noNewPrivileges"] is True
-    assert proc["capabilities"]["bounding"] == ["CAP_NET_BIND_SERVICE"]
-    assert "inheritable" not in proc["capabilities"] and "ambient" not in proc["capabilities"]
-    assert config["root"] == {"path": "rootfs", "readonly": True}
-    linux = config["linux"]
-    assert {"type": "network", "path": str(netns)} in linux["namespaces"]
-    assert {n["type"] for n in linux["namespaces"]} == {"pid", "ipc", "uts", "mount", "network"}
-    assert linux["resources"]["cpu"] == {"quota": 150000, "period": 100000}
-    assert linux["resources"]["memory"] == {"limit": 256 << 20}
-    assert linux["cgroupsPath"] == "/uniframe-x"
-    mounts = {m["destination"]: m for m in config["mounts"]}
-    assert mounts["/dev"]["type"] == "tmpfs" and "ro" in mounts["/sys"]["options"]
-    assert mounts["/tmp"]["type"] == "tmpfs" and mounts["/model"]["source"] == str(tmp_path)
-    host = oci.runtime_config(image, oci.RuntimeOptions(host_network=True), root)
-    assert "network" not in {n["type"] for n in host["linux"]["namespaces"]}
-
-
-def test_runtime_config_needs_something_to_run(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="neither Entrypoint nor Cmd"):
-        oci.runtime_config(oci.ImageConfig(), oci.RuntimeOptions(), tmp_path)
-    with pytest.raises(ImageError, match="not in its /etc/passwd"):
-        oci.runtime_config(oci.ImageConfig(cmd=("/x",), user="nobody"), oci.RuntimeOptions(), tmp_path)
-
-
-def test_bundles_from_layouts_and_roots(tmp_path: Path) -> None:
-    root = make_root(tmp_path / "root")
-    build(root, tmp_path / "img")
-    from_layout = oci.bundle_from_layout(tmp_path / "img", tmp_path / "b1",
-                                         oci.RuntimeOptions(cpus=1, memory_mib=64))
-    from_root = oci.bundle_from_root(root, tmp_path / "b2", entrypoint=["/bin/app"], workdir="/srv")
-    for bundle in (from_layout, from_root):
-        config = json.loads(bundle.config_path.read_text())
-        assert config["process"]["args"][0] == "/bin/app"
-        assert (bundle.rootfs / "bin" / "app").is_file()
-        assert os.readlink(bundle.rootfs / "lib" / "libz.so.1") == "libz.so.1.2"
-    with pytest.raises(BuildError, match="already exists"):
-        oci.bundle_from_root(root, tmp_path / "b2", entrypoint=["/bin/app"])
 
 
 def test_times_are_zero_unless_kept(tmp_path: Path) -> None:

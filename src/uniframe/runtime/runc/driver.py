@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from uniframe.build.oci import RuntimeOptions, bundle_from_layout, opened_layout, read_layout
+from uniframe.build.oci import opened_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
 from uniframe.paths import state_dir
@@ -55,6 +55,7 @@ from uniframe.runtime.replica import (
     utcnow,
 )
 from uniframe.runtime.runc import cgroups, network
+from uniframe.runtime.runc.bundle import RuntimeOptions, bundle_from_layout
 
 REPLICA_FILE = "replica.json"
 EXIT_FILE = "exit.json"
