@@ -8,7 +8,10 @@
 - ``process``: the model and the server's arguments; the host's Python runs it.
 
 Every image records the same facts where they apply (model, port, files,
-executables, setuid files, packages), so runtimes can be compared.
+executables, setuid files, packages), so runtimes can be compared. Each is
+stored under :func:`image_name` (the service's name plus its runtime's
+suffix, from :mod:`uniframe.spec.runtimes`), which ``uniframe run -f`` uses
+to find it again.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from uniframe.build.model import resolve_model
 from uniframe.build.store import BUILD_INFO, Image, ImageStore, finalize_manifest
@@ -33,9 +36,14 @@ from uniframe.build.unikernel import (
 )
 from uniframe.errors import BuildError
 from uniframe.spec import InferenceService
+from uniframe.spec.runtimes import RUNTIME_NAMES, RUNTIMES, Runtime
 
-Runtime = Literal["unikernel", "container", "vm", "process"]
 Progress = Callable[[str], None]
+
+
+def image_name(service: str, runtime: Runtime) -> str:
+    """The store name of ``service``'s image for ``runtime``: ``iris``, ``iris-container``..."""
+    return RUNTIMES[runtime].image_name(service)
 
 
 def build_image(
@@ -66,7 +74,7 @@ def build_image(
         return build_vm(service, source_digest, store, say)
     if runtime == "process":
         return build_process(service, source_digest, store, say)
-    raise BuildError(f"unknown runtime {runtime!r}; use unikernel, container, vm or process")
+    raise BuildError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIME_NAMES)}")
 
 
 def build_container(service: InferenceService, source_digest: str, store: ImageStore,
@@ -93,7 +101,8 @@ def build_container(service: InferenceService, source_digest: str, store: ImageS
         extra = _common_manifest(service, app, source_digest)
         extra["flavour"] = "distroless"
         (layout / BUILD_INFO).write_text(_build_info(timings, app))
-        return add_layout_to_store(layout, f"{service.metadata.name}-container", store, extra)
+        return add_layout_to_store(layout, image_name(service.metadata.name, "container"), store,
+                                   extra)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -139,7 +148,7 @@ def build_vm(service: InferenceService, source_digest: str, store: ImageStore,
         app = VMApp(model.name, model.path, service.spec.port,
                     args=tuple(server_args(service, "", model)[1:]),
                     env=tuple(sorted(service.spec.env.items())))
-        return build_vm_image(app, store, f"{service.metadata.name}-vm",
+        return build_vm_image(app, store, image_name(service.metadata.name, "vm"),
                               source_digest=source_digest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -169,7 +178,7 @@ def build_process(service: InferenceService, source_digest: str, store: ImageSto
         finalize_manifest(image_dir, manifest)
         (image_dir / BUILD_INFO).write_text(json.dumps({"built_at": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-        return store.add_dir(image_dir, f"{service.metadata.name}-process", move=True)
+        return store.add_dir(image_dir, image_name(service.metadata.name, "process"), move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

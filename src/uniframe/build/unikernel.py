@@ -45,6 +45,7 @@ from uniframe.guest.cmdline import KERNEL_ARGS, encode_cmdline
 from uniframe.guest.initscript import DEVICE_NODES, INIT_PATH, MOUNT_POINTS, render_init_script
 from uniframe.guest.net import HOSTS_PATH, hosts_text
 from uniframe.spec import InferenceService
+from uniframe.spec.runtimes import RUNTIMES
 from uniframe.spec.service import BodyLimitError, RootFormat
 
 Progress = Callable[[str], None]
@@ -419,7 +420,8 @@ def package_unikernel(
         finalize_manifest(image_dir, manifest)
         timings["total"] = time.monotonic() - started
         (image_dir / BUILD_INFO).write_text(_build_info(timings, app))
-        image = store.add_dir(image_dir, name=service.metadata.name, move=True)
+        image = store.add_dir(image_dir, name=RUNTIMES["unikernel"].image_name(service.metadata.name),
+                              move=True)
         return BuildResult(image, app.closure, app.stats, kernel, timings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

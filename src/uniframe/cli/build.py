@@ -18,6 +18,7 @@ from uniframe.cli.output import (
     print_fields,
     print_table,
 )
+from uniframe.spec.runtimes import RUNTIME_NAMES
 
 IRIS_REQUEST = b'{"inputs":[{"name":"X","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
 
@@ -26,7 +27,6 @@ app.add_typer(image_app, name="image")
 
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
 ROOTFS = ("squashfs", "initramfs")
-RUNTIMES = ("unikernel", "container", "vm", "process")
 
 
 def _mb(n: int | float) -> str:
@@ -38,7 +38,7 @@ def build(
     spec: Path = typer.Argument(..., help="spec file (YAML) with an InferenceService"),
     name: str = typer.Option(None, "--name", help="which service, if the file has several"),
     runtime: str = typer.Option(None, "--runtime",
-                                help="unikernel, container, vm or process (default: the spec's)"),
+                                help=f"{', '.join(RUNTIME_NAMES)} (default: the spec's)"),
     conventional: bool = typer.Option(False, "--conventional",
                                       help="with --runtime container: the Debian-based image "
                                            "(debootstrap + python3 + pip) instead of the traced one"),
@@ -63,8 +63,8 @@ def build(
         raise fail(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
     if rootfs is not None and rootfs not in ROOTFS:
         raise fail(f"--rootfs {rootfs!r}: use one of {', '.join(ROOTFS)}")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise fail(f"--runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime is not None and runtime not in RUNTIME_NAMES:
+        raise fail(f"--runtime {runtime!r}: use one of {', '.join(RUNTIME_NAMES)}")
     docs = [d for d in load_file(spec) if isinstance(d.spec, InferenceService)]
     if name:
         docs = [d for d in docs if d.spec.metadata.name == name]
@@ -92,7 +92,7 @@ def build(
                 timings = result.timings
             else:
                 image = build_image(service, source_digest=doc.digest(),
-                                    runtime=target,  # type: ignore[arg-type]
+                                    runtime=target,
                                     conventional=conventional, progress=progress)
                 timings = {}
         summary = _summary(image)

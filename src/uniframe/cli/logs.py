@@ -24,7 +24,7 @@ from uniframe.cli.remote import DAEMON_OPTION, connect, split_ref
 from uniframe.control.api.client import DaemonClient, DaemonUnavailableError
 from uniframe.control.api.logs import tail as tail_of
 from uniframe.errors import NotFoundError
-from uniframe.runtime.driver import find
+from uniframe.runtime.registry import Capability, entry, find
 
 WATCH_SECONDS = 0.5
 
@@ -57,6 +57,8 @@ def _from_daemon(client: DaemonClient, target: str, tail: int | None,
 def _from_host(target: str, tail: int | None, follow: bool) -> Iterator[bytes]:
     """A replica on this host's disk (``uniframe run``), as ``uniframe ps`` lists them."""
     driver, replica = find(target)
+    if follow:
+        entry(driver.kind).require(Capability.LIVE_LOGS, f"logs -f {target}")
     data, offset = tail_of(driver.logs(replica.id), tail)
     yield data
     if follow:

@@ -15,6 +15,7 @@ from uniframe.cli import (  # noqa: F401
     model,
     rollout,
     run,
+    runtimes,
     serve,
     validate,
 )

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import typer
 
+from uniframe.build.images import image_name
 from uniframe.build.store import ImageStore
 from uniframe.cli.app import app, console, err_console, fail
 from uniframe.cli.output import OUTPUT_OPTION, check_output, print_data
-from uniframe.runtime.driver import Driver, all_replicas, driver_for, find
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortMapping, parse_port_mapping
+from uniframe.runtime.registry import Capability, all_replicas, driver_for, entry, find
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 from uniframe.runtime.verify import driver_for_image, free_port, image_ref
 from uniframe.spec.units import parse_size
@@ -30,7 +32,29 @@ from uniframe.spec.units import parse_size
 def _image(ref: str) -> tuple[ImageRef, Driver]:
     """The seam between the image store and the runtimes: an image and the driver that runs it."""
     image = ImageStore().resolve(ref)
-    return image_ref(image), driver_for_image(image)
+    driver = driver_for_image(image)
+    ok, reason = entry(driver.kind).usable()
+    if not ok:
+        raise fail(f"image {image.short} runs on the {driver.kind} driver, which cannot run on "
+                   f"this host: {reason}")
+    return image_ref(image), driver
+
+
+def _check_capabilities(driver: Driver, *, publish: bool, net: str, limits: bool,
+                        foreground: bool) -> None:
+    """Refuse, before anything is created, what the image's driver cannot do (registry's word)."""
+    found = entry(driver.kind)
+    if publish:
+        found.require(Capability.PORT_PUBLISHING, "-p/--publish")
+    if net == "bridge":
+        found.require(Capability.BRIDGE_NETWORK, "--net bridge")
+    if net == "host":
+        found.require(Capability.HOST_NETWORK, "--net host")
+    if limits:
+        found.require(Capability.RESOURCE_LIMITS, "--cpus/--memory")
+    if foreground and not found.can(Capability.LIVE_LOGS):
+        raise fail(f"the {driver.kind} driver cannot follow a replica's output, so 'run' cannot "
+                   "stay in the foreground; use -d, then 'uniframe logs'")
 
 
 def _memory_mib(text: str) -> int:
@@ -70,10 +94,12 @@ def run(
                               help="run the Workloads (and built InferenceServices) of a spec file, detached"),
     publish: list[str] = typer.Option([], "-p", "--publish", help="publish a port, HOST:GUEST or IP:HOST:GUEST"),
     name: str = typer.Option(None, "--name", help="replica name (default: image name + id)"),
-    cpus: int = typer.Option(1, "--cpus", help="virtual CPUs"),
-    memory: str = typer.Option("256Mi", "--memory", help="guest memory, e.g. 256Mi"),
+    cpus: int = typer.Option(None, "--cpus", help="virtual CPUs (default 1)"),
+    memory: str = typer.Option(None, "--memory", help="guest memory, e.g. 256Mi (the default)"),
     accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg"),
-    net: str = typer.Option("user", "--net", help="user (QEMU user-mode, no root) or bridge (root)"),
+    net: str = typer.Option("user", "--net",
+                            help="user (QEMU user-mode, no root), bridge (root) or, for "
+                                 "drivers that can share it, host"),
     detach: bool = typer.Option(False, "-d", "--detach", help="start and return; see 'uniframe logs'"),
     remove: bool = typer.Option(False, "--rm", help="remove the replica once it exits (foreground only)"),
     stop_timeout: float = typer.Option(10.0, "--stop-timeout", help="seconds a Ctrl-C stop waits for the guest"),
@@ -87,10 +113,14 @@ def run(
         return
     if image is None:
         raise fail("give an IMAGE to run (see 'uniframe images') or -f SPEC")
+    ports = tuple(parse_port_mapping(p) for p in publish)
+    memory_mib = _memory_mib(memory if memory is not None else "256Mi")
     ref, driver = _image(image)
+    _check_capabilities(driver, publish=bool(ports), net=net,
+                        limits=cpus is not None or memory is not None, foreground=not detach)
     config = ReplicaConfig(
-        image=ref, name=name, cpus=cpus, memory_mib=_memory_mib(memory),
-        ports=tuple(parse_port_mapping(p) for p in publish), accel=accel, network=net,
+        image=ref, name=name, cpus=cpus if cpus is not None else 1, memory_mib=memory_mib,
+        ports=ports, accel=accel, network=net,
     )
     replica = driver.create(config)
     try:
@@ -108,6 +138,8 @@ def run(
     try:
         offset = _stream(driver, replica, offset)
     except KeyboardInterrupt:
+        if not entry(driver.kind).can(Capability.GRACEFUL_STOP):
+            stop_timeout = 0  # nothing to ask the workload: waiting would only delay the kill
         err_console.print(f"[dim]stopping {replica.name} (up to {stop_timeout:g} s)...[/]")
         try:
             driver.stop(replica.id, timeout=stop_timeout)
@@ -122,9 +154,6 @@ def run(
     raise typer.Exit(_exit_code(status))
 
 
-IMAGE_SUFFIX = {"unikernel": "", "container": "-container", "vm": "-vm", "process": "-process"}
-
-
 def _run_file(path: Path) -> None:
     """Start every document of a spec file, detached, and say where each replica listens."""
     from uniframe.runtime.workload import run_workload
@@ -136,7 +165,7 @@ def _run_file(path: Path) -> None:
             started += run_workload(doc.spec)
         elif isinstance(doc.spec, InferenceService):
             svc = doc.spec
-            ref, driver = _image(svc.metadata.name + IMAGE_SUFFIX[svc.spec.runtime])
+            ref, driver = _image(image_name(svc.metadata.name, svc.spec.runtime))
             count = svc.spec.replicas if svc.spec.replicas is not None else 1
             for _ in range(count):
                 config = ReplicaConfig(image=ref, cpus=max(1, round(svc.spec.resources.cpus)),

@@ -22,8 +22,9 @@ from uniframe.build.images import image_model_name, image_port
 from uniframe.build.store import Image
 from uniframe.build.unikernel import ROOT_ROLE
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.driver import IMAGE_KIND_RUNTIMES, Driver, driver_for_runtime
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortMapping
+from uniframe.runtime.registry import driver_for_image_kind
 from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
 
 
@@ -70,11 +71,8 @@ def image_ref(image: Image) -> ImageRef:
 
 
 def driver_for_image(image: Image, root: Path | None = None) -> Driver:
-    try:
-        runtime = IMAGE_KIND_RUNTIMES[image.kind]
-    except KeyError:
-        raise RuntimeDriverError(f"image {image.short} is of kind {image.kind!r}, which no driver runs") from None
-    return driver_for_runtime(runtime, root)
+    """The preferred driver of the image's kind (see :mod:`uniframe.runtime.registry`)."""
+    return driver_for_image_kind(image.kind, root, what=f"image {image.short}")
 
 
 def boot_and_infer(

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from uniframe.build.store import ImageStore
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.driver import Driver, driver_for_runtime
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortMapping
+from uniframe.runtime.registry import driver_for_runtime
 from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig
 from uniframe.runtime.verify import free_port, image_ref
 from uniframe.spec import Workload, image_source

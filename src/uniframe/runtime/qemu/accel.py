@@ -200,26 +200,49 @@ def choose_accel(requested: str = "auto", kernel: Path | None = None,
     return choice
 
 
-def _auto(kernel: Path | None, kernel_factory: Callable[[], Path] | None) -> AccelChoice:
-    qemu = qemu_binary()
-    key = host_key(qemu)
+def known_choice() -> AccelChoice | None:
+    """What ``auto`` would choose, as far as it is known without booting anything; else None.
+
+    For listings (``uniframe runtimes``): the environment override, the cached
+    probe verdict, or a ``/dev/kvm`` that is missing or closed to this user.
+    None means KVM looks usable but no probe has run here yet; the first
+    guest started with ``auto`` probes it. Raises QemuMissingError without QEMU.
+    """
+    env = os.environ.get("UNIFRAME_ACCEL", "").strip().lower()
+    if env in ("kvm", "tcg"):
+        return AccelChoice(env, "set by UNIFRAME_ACCEL")
+    return _known(host_key(qemu_binary()))
+
+
+def _known(key: dict[str, object]) -> AccelChoice | None:
+    """The verdict that needs no probe: the cached one, or no usable ``/dev/kvm``."""
     cached = _read_cache().get(_cache_key(key))
     if cached and cached.get("accel") in ("kvm", "tcg"):
         return AccelChoice(cached["accel"], cached.get("reason", ""), cached=True)
     if not key["dev_kvm"]:
-        choice = AccelChoice("tcg", "/dev/kvm does not exist")
-    elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice("tcg", "/dev/kvm does not exist")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         # Not cached: permissions are per user and may be fixed any time.
         return AccelChoice("tcg", "/dev/kvm is not accessible to this user (add it to the kvm group)")
+    return None
+
+
+def _auto(kernel: Path | None, kernel_factory: Callable[[], Path] | None) -> AccelChoice:
+    qemu = qemu_binary()
+    key = host_key(qemu)
+    known = _known(key)
+    if known is not None:
+        if not known.cached and not key["dev_kvm"]:
+            _write_cache(key, known)  # recorded like a probe's verdict
+        return known
+    if kernel is None:
+        if kernel_factory is None:
+            raise RuntimeDriverError("cannot probe KVM without a kernel")
+        kernel = kernel_factory()
+    result = probe(qemu, kernel)
+    if result.works:
+        choice = AccelChoice("kvm", f"probe guest booted under KVM in {result.seconds:.1f} s")
     else:
-        if kernel is None:
-            if kernel_factory is None:
-                raise RuntimeDriverError("cannot probe KVM without a kernel")
-            kernel = kernel_factory()
-        result = probe(qemu, kernel)
-        if result.works:
-            choice = AccelChoice("kvm", f"probe guest booted under KVM in {result.seconds:.1f} s")
-        else:
-            choice = AccelChoice("tcg", f"/dev/kvm is present but a probe guest failed under KVM: {result.detail}")
+        choice = AccelChoice("tcg", f"/dev/kvm is present but a probe guest failed under KVM: {result.detail}")
     _write_cache(key, choice)
     return choice
