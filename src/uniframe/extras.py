@@ -8,9 +8,10 @@ only runs services), so they are the ``[build]`` extra. Code that needs an
 extra imports it lazily and calls :func:`require` first: a user without the
 extra reads which one to install, not a ``ModuleNotFoundError`` traceback.
 
-:class:`MissingExtraError` is a :class:`~uniframe.errors.UniframeError`, so
-the CLI prints it as one line and exits 2, and the reconciler reports it as
-a failed build like any other.
+:class:`~uniframe.errors.MissingExtraError` (in the one exception tree, and
+importable from here) is a :class:`~uniframe.errors.UniframeError`, so the
+CLI prints it as one line and exits 2, and the reconciler reports it as a
+failed build like any other, retried: installing the extra cures it.
 
 (``tritonclient``, in ``[dev]``, is used by tests only, which skip without
 it; ``psycopg`` is a core dependency, not an extra.)
@@ -21,7 +22,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from uniframe.errors import UniframeError
+from uniframe.errors import MissingExtraError
+
+__all__ = ["BUILD", "Extra", "MissingExtraError", "require"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,6 @@ class Extra:
 
 
 BUILD = Extra("build", (("sklearn", "scikit-learn"), ("onnx", "onnx"), ("skl2onnx", "skl2onnx")))
-
-
-class MissingExtraError(UniframeError):
-    """Something asked for needs an optional extra that is not installed (or cannot be imported)."""
-
-    def __init__(self, what: str, package: str, extra: Extra, problem: str) -> None:
-        super().__init__(f"{what} needs {package}, which {problem}: {extra.install}")
-        self.package = package
-        self.extra = extra
 
 
 def require(what: str, extra: Extra = BUILD) -> None:

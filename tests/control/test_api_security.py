@@ -240,7 +240,7 @@ def test_the_cli_uploads_what_a_spec_names_and_converts_pickles_itself(daemon: D
 
 
 def test_tcp_off_loopback_needs_tls_or_an_explicit_insecure_flag(home: Path) -> None:
-    from uniframe.control.api.auth import CredentialError
+    from uniframe.errors import CredentialError
 
     with pytest.raises(CredentialError, match="needs TLS"):
         DaemonConfig(socket=None, listen=("0.0.0.0", 0)).check()

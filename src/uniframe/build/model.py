@@ -65,11 +65,12 @@ def _resolve_registry(ref: RegistryModel, name: str) -> ResolvedModel:
     try:
         record, path = ModelStore().resolve(ref.name, ref.version)
     except ModelError as exc:
-        raise BuildError(f"spec.model: {exc}") from None
+        raise BuildError(f"spec.model: {exc}", permanent=exc.permanent) from None
     if ref.format is not None and ref.format != record.source_format:
         raise BuildError(
             f"spec.model: {record.ref} was pushed as {record.source_format}, but the spec insists "
-            f"on format {ref.format}; fix the spec's format or push the other file"
+            f"on format {ref.format}; fix the spec's format or push the other file",
+            permanent=True,
         )
     return ResolvedModel(name, record.version, path, record.sha256,
                          f"registry {record.ref} ({record.format})")

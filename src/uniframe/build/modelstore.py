@@ -257,7 +257,8 @@ class ModelStore:
         if record is None:
             raise ModelError(f"model {name}@{version} is not in the model registry "
                              f"({self.root}); `uniframe model ls` lists what is, "
-                             f"`uniframe model push FILE --name {name}` adds a version")
+                             f"`uniframe model push FILE --name {name}` adds a version",
+                             permanent=True)  # apply refuses such a spec: the spec must change
         path = self.blob_path(record.sha256)
         if not path.is_file() or _file_sha256(path) != record.sha256:
             raise ModelError(f"model {record.ref}: its file {path} is missing or damaged; "

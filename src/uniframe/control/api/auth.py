@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from uniframe.errors import UniframeError
+from uniframe.errors import CredentialError
 from uniframe.paths import state_dir
 
 TOKEN_ENV = "UNIFRAME_TOKEN"
@@ -38,10 +38,6 @@ TOKEN_FILE_ENV = "UNIFRAME_TOKEN_FILE"
 TOKEN_FILE = "daemon.token"
 SOCKET_FILE = "daemon.sock"
 REALM = 'Bearer realm="uniframe"'
-
-
-class CredentialError(UniframeError):
-    """The token file is missing, unreadable or readable by others."""
 
 
 def default_token_file() -> Path:

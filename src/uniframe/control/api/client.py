@@ -38,9 +38,16 @@ from urllib.parse import quote
 
 import httpx
 
-from uniframe.control.api.auth import CredentialError, client_token, default_socket
+from uniframe.control.api.auth import client_token, default_socket
 from uniframe.control.api.uploads import file_sha256
-from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
+from uniframe.errors import (
+    ConflictError,
+    CredentialError,
+    ModelError,
+    NotFoundError,
+    SpecError,
+    UniframeError,
+)
 
 DAEMON_ENV = "UNIFRAME_DAEMON"
 CA_ENV = "UNIFRAME_CA"

@@ -49,7 +49,14 @@ from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy.unixsock import bind_private
 from uniframe.control.reconciler import Reconciler
 from uniframe.control.store import Store
-from uniframe.errors import ConflictError, ModelError, NotFoundError, SpecError, UniframeError
+from uniframe.errors import (
+    ConflictError,
+    CredentialError,
+    ModelError,
+    NotFoundError,
+    SpecError,
+    UniframeError,
+)
 
 __all__ = ["MAX_BODY", "MAX_UPLOAD", "OPENAPI", "Api", "Daemon", "DaemonConfig"]
 
@@ -95,10 +102,10 @@ class DaemonConfig:
 
     def check(self) -> None:
         if self.socket is None and self.listen is None:
-            raise auth.CredentialError("give the daemon somewhere to listen: a unix socket, "
+            raise CredentialError("give the daemon somewhere to listen: a unix socket, "
                                        "--listen HOST:PORT, or both")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise auth.CredentialError("TLS needs both --tls-cert FILE and --tls-key FILE")
+            raise CredentialError("TLS needs both --tls-cert FILE and --tls-key FILE")
         if self.listen is not None and self.tls_cert is None and not self.insecure_no_tls \
                 and not auth.is_loopback(self.listen[0]):
             raise auth.tls_required_error(self.listen[0])
@@ -408,7 +415,7 @@ class Daemon:
         try:
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            raise auth.CredentialError(f"cannot load the TLS certificate {self.config.tls_cert} "
+            raise CredentialError(f"cannot load the TLS certificate {self.config.tls_cert} "
                                        f"and key {self.config.tls_key}: {exc}") from None
         return context
 
