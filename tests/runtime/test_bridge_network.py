@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.qemu import network
+from uniframe.runtime.replica import ImageRef, Replica, ReplicaConfig
 
 HERE = Path(__file__).parent
 
@@ -40,16 +42,15 @@ def test_bridge_network_in_a_private_netns(test_image: Path, tmp_path_factory: p
 
 
 def test_bridge_network_refuses_without_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(network.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    config = ReplicaConfig(image=ImageRef("img", "", tmp_path, tmp_path), network="bridge")
+    replica = Replica(id="0123456789ab", name="r", dir=tmp_path, config=config, created_at="",
+                      driver="qemu-microvm")
     with pytest.raises(RuntimeDriverError, match="--net bridge needs root"):
-        network.attach(tmp_path, "0123456789ab", [])
+        network.attach(tmp_path, replica)
 
 
-def test_nat_ruleset_publishes_loopback_and_all_addresses() -> None:
-    rules = network.nat_ruleset([
-        {"host_ip": "127.0.0.1", "host_port": 8080, "guest_ip": "10.88.0.2", "guest_port": 80},
-        {"host_ip": "0.0.0.0", "host_port": 9090, "guest_ip": "10.88.0.3", "guest_port": 90},
-    ])
-    assert "ip daddr 127.0.0.1 tcp dport 8080 dnat to 10.88.0.2:80" in rules
-    assert "fib daddr type local tcp dport 9090 dnat to 10.88.0.3:90" in rules
-    assert 'ip saddr 127.0.0.0/8 oifname "uniframe0" masquerade' in rules
+def test_the_bridge_and_its_pool_agree() -> None:
+    assert str(network.GATEWAY) == "10.88.0.1/16"
+    assert network.GATEWAY.network == hostnet.BRIDGE.subnet
+    assert len(network.tap_name("0123456789abcdef")) <= 15  # IFNAMSIZ - 1

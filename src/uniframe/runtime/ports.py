@@ -2,7 +2,10 @@
 
 QEMU's user-mode network reports a taken port as a vague "could not set up
 host forwarding rule" after it has started; binding the port ourselves first
-lets the user hear which port is taken, before anything is launched.
+lets the user hear which port is taken, before anything is launched. That
+check sees only sockets: ports other replicas publish (some through DNAT,
+which binds nothing) are claimed in :mod:`uniframe.runtime.hostnet`, whose
+claim runs this check too, under its lock.
 """
 
 from __future__ import annotations
