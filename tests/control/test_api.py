@@ -25,7 +25,7 @@ from uniframe.control.api.logs import tail
 from uniframe.control.api.openapi import OPENAPI
 from uniframe.control.api.routes import ROUTES
 from uniframe.control.api.server import MAX_BODY
-from uniframe.runtime.driver import driver_for
+from uniframe.runtime.registry import driver_for
 
 IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
                         "data": [5.1, 3.5, 1.4, 0.2]}]}

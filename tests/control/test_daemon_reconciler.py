@@ -25,7 +25,7 @@ from uniframe.control import rollouts
 from uniframe.control.reconciler import READY, Reconciler, backoff
 from uniframe.control.states import COMPLETE, FAILED
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store
-from uniframe.runtime.driver import driver_for
+from uniframe.runtime.registry import driver_for
 from uniframe.spec import load_data
 
 IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",

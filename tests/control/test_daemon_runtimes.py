@@ -24,7 +24,7 @@ from daemon_support import (
 )
 
 from uniframe.control.states import READY
-from uniframe.runtime.driver import RUNTIME_DRIVERS, driver_for
+from uniframe.runtime.registry import driver_for, entry_for_runtime
 
 RUNTIMES = [
     pytest.param("container", marks=[pytest.mark.root, pytest.mark.slow]),
@@ -37,7 +37,7 @@ RUNTIMES = [
 def test_a_service_runs_rolls_and_recovers_under_the_daemon(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str) -> None:
     with running_daemon(tmp_path, monkeypatch, str(tmp_path / "state.db")) as d:
-        driver = driver_for(RUNTIME_DRIVERS[runtime], None)  # in the daemon's state directory
+        driver = driver_for(entry_for_runtime(runtime).kind, None)  # in the daemon's state directory
         try:
             d.apply(spec(1, d.service_port, replicas=1, runtime=runtime))
             until("the image is built and its replica ready", settled(d, 1, replicas=1), 900)
@@ -46,7 +46,7 @@ def test_a_service_runs_rolls_and_recovers_under_the_daemon(
             assert load.failures == [] and set(load.versions) == {"1"}
 
             (victim,) = replicas(d)
-            assert victim.driver == RUNTIME_DRIVERS[runtime]
+            assert victim.driver == entry_for_runtime(runtime).kind
             pid = driver.get(victim.id).pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)

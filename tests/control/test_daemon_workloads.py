@@ -25,7 +25,7 @@ from uniframe.build.store import ImageStore
 from uniframe.control import rollouts
 from uniframe.control.states import COMPLETE, READY
 from uniframe.control.store import ReplicaRecord, Store
-from uniframe.runtime.driver import driver_for
+from uniframe.runtime.registry import driver_for
 from uniframe.spec import InferenceService, load_text
 
 KIND = "Workload"

@@ -124,12 +124,12 @@ def test_a_replica_serving_another_model_is_not_ready() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         rec = _replica(server.server_address[1])
-        assert service_target(_service("alpha"), None).probe(rec)
-        assert not service_target(_service("beta"), None).probe(rec)
+        assert service_target(_service("alpha"), None, "process").probe(rec)
+        assert not service_target(_service("beta"), None, "process").probe(rec)
         # a path of the user's own is probed besides the model's, not instead of it
-        assert not service_target(_service("alpha", healthCheck={"path": "/nope"}), None).probe(rec)
+        assert not service_target(_service("alpha", healthCheck={"path": "/nope"}), None, "process").probe(rec)
         assert not service_target(_service("beta", healthCheck={"path": "/v2/health/ready"}),
-                                  None).probe(rec)
+                                  None, "process").probe(rec)
     finally:
         server.shutdown()
         server.server_close()

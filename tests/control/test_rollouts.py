@@ -37,7 +37,7 @@ from daemon_support import (
 
 from uniframe.control import rollouts
 from uniframe.control.states import PAUSED, READY, ROLLED_BACK
-from uniframe.runtime.driver import driver_for
+from uniframe.runtime.registry import driver_for
 
 
 @pytest.fixture

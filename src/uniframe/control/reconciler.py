@@ -66,14 +66,10 @@ from uniframe.control.states import (
 from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
 from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
 from uniframe.errors import SpecError, UniframeError
-from uniframe.runtime.driver import (
-    IMAGE_KIND_RUNTIMES,
-    Driver,
-    ReplicaNotFoundError,
-    driver_for,
-)
+from uniframe.runtime.driver import Driver, ReplicaNotFoundError
+from uniframe.runtime.registry import REGISTRY, Registry
 from uniframe.runtime.replica import ReplicaState
-from uniframe.spec import InferenceService, Workload, load_data
+from uniframe.spec import RUNTIMES, InferenceService, Workload, load_data
 
 __all__ = ["READY", "RUN_KINDS", "SERVICE_KIND", "WORKLOAD_KIND", "PassResult", "Reconciler",
            "backoff", "build_backoff"]
@@ -148,8 +144,11 @@ class Reconciler:
                  build_store: ImageStore | None = None,
                  log: Callable[[str], None] | None = None,
                  endpoints: Endpoints | None = None, endpoint_host: str = "127.0.0.1",
-                 workers: int = 4, paths: PathPolicy | None = None) -> None:
+                 workers: int = 4, paths: PathPolicy | None = None,
+                 registry: Registry | None = None) -> None:
         self.store = store
+        # Every driver comes from here: the real registry, or one a test builds around a fake.
+        self.registry = registry or REGISTRY
         # Checked again at every pass, not only at apply: a store written by an older daemon,
         # or one started with other --allow-path roots, must not make this one read a host
         # file or load a pickle. By default any path, but never a pickle.
@@ -172,8 +171,9 @@ class Reconciler:
         self.last_pass_seconds = 0.0  # of the last whole pass over every object (see _time_pass)
         self.errors = 0
 
-    def _driver(self, kind: str) -> Driver:
-        return driver_for(kind, self.state_root / "replicas" if self.state_root else None)
+    def driver(self, kind: str) -> Driver:
+        """The driver of ``kind`` from this reconciler's registry (the daemon's API asks here too)."""
+        return self.registry.driver_for(kind, self.state_root / "replicas" if self.state_root else None)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -296,7 +296,7 @@ class Reconciler:
                                           returning=digest in earlier)
         if isinstance(doc, InferenceService):
             image = self._image(obj, doc, digest)
-            target = service_target(doc, image)
+            target = service_target(doc, image, self.registry.entry_for_runtime(doc.spec.runtime).kind)
             if image is None:  # being built: keep the running replicas healthy meanwhile
                 running = [r for r in (self._observe(obj, target, rec) for rec in replicas)
                            if r is not None]
@@ -305,7 +305,8 @@ class Reconciler:
                     raise error
                 return
         else:
-            target = workload_target(doc, digest)
+            target = workload_target(doc, digest,
+                                     self.registry.entry_for_runtime(doc.spec.runtime).kind)
 
         live: list[ReplicaRecord] = []
         for rec in replicas:
@@ -509,7 +510,7 @@ class Reconciler:
             return cached
         for image in self.images.list():
             if (image.manifest.get("source_spec_digest") == digest
-                    and IMAGE_KIND_RUNTIMES.get(image.kind) == runtime):
+                    and image.kind == RUNTIMES[runtime].image_kind):
                 self._image_cache[key] = image
                 return image
         with self._lock:
@@ -590,7 +591,7 @@ class Reconciler:
             self.wake()
 
     def _create(self, obj: ObjectRecord, target: Target, revision: str) -> None:
-        driver = self._driver(target.driver_kind)
+        driver = self.driver(target.driver_kind)
         replica, port = target.make(driver)
         try:
             with self.store.tx() as tx:
@@ -626,9 +627,9 @@ class Reconciler:
     def _observe(self, obj: ObjectRecord, target: Target,
                  rec: ReplicaRecord) -> ReplicaRecord | None:
         """Bring one recorded replica's state up to date; None if it was cleaned away."""
-        driver = self._driver(rec.driver)
+        driver = self.driver(rec.driver)
         try:
-            status = driver.inspect(rec.id)
+            status = driver.reap(rec.id)  # an end seen here is recorded, its resources released
             started_at = driver.get(rec.id).started_at
         except ReplicaNotFoundError:
             with self.store.tx() as tx:
@@ -706,7 +707,7 @@ class Reconciler:
         """Take a replica out of the endpoint, let its requests finish, then stop and remove it."""
         if rec.state == READY:
             self.endpoints.drain(obj.name, rec.id, wait=DRAIN_WAIT)
-        driver = self._driver(rec.driver)
+        driver = self.driver(rec.driver)
         with contextlib.suppress(ReplicaNotFoundError):
             driver.stop(rec.id, timeout=STOP_TIMEOUT)
             driver.remove(rec.id, force=True)

@@ -21,7 +21,7 @@ from uniframe.build.images import image_port
 from uniframe.build.store import Image
 from uniframe.control.health import SERVER_READY_PATH, model_ready_path, probe
 from uniframe.control.store import ReplicaRecord
-from uniframe.runtime.driver import RUNTIME_DRIVERS, Driver
+from uniframe.runtime.driver import Driver
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.replica import Replica, ReplicaConfig
 from uniframe.runtime.verify import free_port, image_ref
@@ -73,8 +73,9 @@ def rules_of(doc: InferenceService | Workload) -> Rules:
                  deadline=rollout.progress_deadline_seconds)
 
 
-def service_target(service: InferenceService, image: Image | None) -> Target:
-    """The service's replicas; with ``image`` None (still building) it can probe but not make."""
+def service_target(service: InferenceService, image: Image | None, driver_kind: str) -> Target:
+    """The service's replicas on ``driver_kind`` (the registry's choice for its runtime); with
+    ``image`` None (still building) it can probe but not make."""
     spec = service.spec
     check = spec.health_check
     resources = image.manifest.get("resources", {}) if image is not None else {}
@@ -101,7 +102,7 @@ def service_target(service: InferenceService, image: Image | None) -> Target:
         return port is not None and all(probe(port, p, check.timeout_seconds) for p in paths)
 
     return Target(
-        driver_kind=RUNTIME_DRIVERS[spec.runtime],
+        driver_kind=driver_kind,
         image_digest=image.digest if image is not None else "",
         rules=rules_of(service),
         health=Health(check.period_seconds, check.timeout_seconds, check.failure_threshold,
@@ -109,8 +110,9 @@ def service_target(service: InferenceService, image: Image | None) -> Target:
         make=make, probe=ready, endpoint=True, service_port=spec.service_port)
 
 
-def workload_target(workload: Workload, revision: str) -> Target:
-    """A Workload's replicas; without a health check a running replica counts as ready."""
+def workload_target(workload: Workload, revision: str, driver_kind: str) -> Target:
+    """A Workload's replicas on ``driver_kind``; without a health check a running replica
+    counts as ready."""
     spec = workload.spec
     check = spec.health_check
     guest = (check.http.port if check and check.http else
@@ -137,7 +139,7 @@ def workload_target(workload: Workload, revision: str) -> Target:
     health = (Health(check.period_seconds, check.timeout_seconds, check.failure_threshold,
                      f"GET {check.http.path}" if check.http else "TCP connect")
               if check is not None else Health())
-    return Target(driver_kind=RUNTIME_DRIVERS[spec.runtime], image_digest=revision,
+    return Target(driver_kind=driver_kind, image_digest=revision,
                   rules=Rules(), health=health, make=make, probe=ready)
 
 

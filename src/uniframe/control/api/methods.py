@@ -31,7 +31,7 @@ from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
 from uniframe.errors import NotFoundError
-from uniframe.runtime.driver import Driver, driver_for
+from uniframe.runtime.driver import Driver
 from uniframe.spec.loader import check_text
 
 
@@ -187,8 +187,7 @@ class Api:
             return {"replicas": [replica_json(r) for r in tx.list_replicas()]}
 
     def _driver(self, kind: str) -> Driver:
-        root = self.reconciler.state_root
-        return driver_for(kind, root / "replicas" if root is not None else None)
+        return self.reconciler.driver(kind)  # the reconciler's registry: one source of drivers
 
     def _source(self, replica: ReplicaRecord) -> LogSource:
         return LogSource(replica.id, self._driver(replica.driver))
