@@ -629,7 +629,7 @@ class Reconciler:
         """Bring one recorded replica's state up to date; None if it was cleaned away."""
         driver = self.driver(rec.driver)
         try:
-            status = driver.reap(rec.id)  # an end seen here is recorded, its resources released
+            status = driver.inspect(rec.id)
             started_at = driver.get(rec.id).started_at
         except ReplicaNotFoundError:
             with self.store.tx() as tx:

@@ -1,4 +1,4 @@
-"""The one interface every runtime implements, and the map from runtimes to drivers.
+"""The one interface every runtime implements (drivers are declared in runtime/registry.py).
 
 The control plane and the CLI speak only this interface: create a replica
 from an image, start, stop, inspect, read logs, remove. What a driver can do
@@ -15,7 +15,7 @@ callers ask instead of guessing::
 
 Every driver keeps each replica's truth in ``<state>/replicas/<id>/`` with
 the ``driver`` field naming its kind, so a fresh process finds any replica
-and the driver that owns it (:func:`find`).
+and the driver that owns it (:func:`uniframe.runtime.registry.find`).
 """
 
 from __future__ import annotations
@@ -30,17 +30,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from uniframe.errors import RuntimeDriverError
-from uniframe.paths import state_dir
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaStatus
 from uniframe.runtime.snapshot import Snapshot
 
 REPLICA_FILE = "replica.json"
-
-# spec.runtime -> the driver kind that runs it; image kind -> the same.
-RUNTIME_DRIVERS = {"unikernel": "qemu-microvm", "vm": "qemu-vm", "container": "runc",
-                   "process": "process"}
-IMAGE_KIND_RUNTIMES = {"unikernel": "unikernel", "vm": "vm", "oci": "container",
-                       "process": "process"}
 
 
 class ReplicaNotFoundError(RuntimeDriverError):
@@ -158,63 +151,3 @@ class Driver(abc.ABC):
             f"the {self.kind} driver cannot restore snapshots (it lacks the 'snapshot' "
             f"capability); snapshot {snapshot.id} was taken by {snapshot.driver}: restore it "
             "there, or create and start a replica instead")
-
-
-def driver_for(kind: str, root: Path | None = None) -> Driver:
-    """The driver of ``kind`` (``qemu-microvm``, ``qemu-vm``, ``runc``, ``process``)."""
-    if kind == "qemu-microvm":
-        from uniframe.runtime.qemu.driver import QemuMicroVMDriver
-
-        return QemuMicroVMDriver(root)
-    if kind == "qemu-vm":
-        from uniframe.runtime.vm.driver import QemuVMDriver
-
-        return QemuVMDriver(root)
-    if kind == "runc":
-        from uniframe.runtime.runc.driver import RuncDriver
-
-        return RuncDriver(root)
-    if kind == "process":
-        from uniframe.runtime.local import ProcessDriver
-
-        return ProcessDriver(root)
-    raise RuntimeDriverError(f"unknown driver {kind!r}; drivers: {', '.join(RUNTIME_DRIVERS.values())}")
-
-
-def driver_for_runtime(runtime: str, root: Path | None = None) -> Driver:
-    try:
-        return driver_for(RUNTIME_DRIVERS[runtime], root)
-    except KeyError:
-        raise RuntimeDriverError(
-            f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIME_DRIVERS)}") from None
-
-
-def all_replicas(root: Path | None = None) -> list[Replica]:
-    """Every replica of every driver, oldest first."""
-    out: list[Replica] = []
-    for kind in RUNTIME_DRIVERS.values():
-        out += driver_for(kind, root).list()
-    return sorted(out, key=lambda r: (r.created_at, r.id))
-
-
-def find(ref: str, root: Path | None = None) -> tuple[Driver, Replica]:
-    """The replica called ``ref`` (id, id prefix or name) and the driver that owns it."""
-    base = root or state_dir() / "replicas"
-    kinds: dict[str, str] = {}
-    if base.is_dir():
-        for d in base.iterdir():
-            try:
-                data = json.loads((d / REPLICA_FILE).read_text())
-            except (OSError, ValueError):
-                continue
-            kinds[str(data.get("id"))] = str(data.get("driver"))
-            kinds.setdefault(str(data.get("name")), str(data.get("driver")))
-    kind = kinds.get(ref)
-    if kind is None:
-        prefixed = {k for i, k in kinds.items() if ref and i.startswith(ref)}
-        kind = prefixed.pop() if len(prefixed) == 1 else None
-    if kind is None:
-        known = ", ".join(sorted(kinds)) or "none"
-        raise ReplicaNotFoundError(f"no replica {ref!r} (replicas: {known}); see 'uniframe ps -a'")
-    driver = driver_for(kind, root)
-    return driver, driver.get(ref)
