@@ -48,7 +48,7 @@ def test_every_entry_loads_a_driver_of_its_own_kind(tmp_path: Path) -> None:
     (lambda: REGISTRY.driver_for_runtime("docker"),
      "unknown runtime 'docker'; use one of container, process, unikernel, vm"),
     (lambda: REGISTRY.driver_for("firecracker"),
-     "unknown driver 'firecracker'; drivers: qemu-microvm, qemu-vm, runc, process"),
+     "unknown driver 'firecracker'; drivers: qemu-microvm, qemu-vm, runc, process, fake"),
     (lambda: REGISTRY.driver_for_image_kind("wasm", what="image abc"),
      "image abc is of kind 'wasm', which no driver runs; drivers run oci, process, unikernel, vm images"),
 ])
@@ -178,3 +178,13 @@ def test_qemu_probe_reports_the_cached_accel_verdict(tmp_path: Path,
     assert ok and why.endswith("accel tcg: a probe guest failed under KVM: it hangs")
     monkeypatch.setenv("UNIFRAME_ACCEL", "kvm")
     assert REGISTRY.entry("qemu-microvm").usable()[1].endswith("accel kvm: set by UNIFRAME_ACCEL")
+
+
+def test_the_snapshot_capability_matches_the_drivers_that_implement_it(tmp_path: Path) -> None:
+    """Declared in the registry, implemented by the class: the two must agree, so a caller
+    that asks the registry never meets the base class's refusal, and no driver's snapshot
+    support goes unannounced."""
+    for e in REGISTRY.entries():
+        cls = type(e.create(tmp_path))
+        implements = cls.snapshot is not Driver.snapshot and cls.restore is not Driver.restore
+        assert e.can(Capability.SNAPSHOT) == implements, e.kind

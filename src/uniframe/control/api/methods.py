@@ -32,6 +32,7 @@ from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store, Tx
 from uniframe.errors import NotFoundError
 from uniframe.runtime.driver import Driver
+from uniframe.runtime.registry import Capability
 from uniframe.spec.loader import check_text
 
 
@@ -192,6 +193,15 @@ class Api:
     def _source(self, replica: ReplicaRecord) -> LogSource:
         return LogSource(replica.id, self._driver(replica.driver))
 
+    def _can_follow(self, replicas: list[ReplicaRecord], what: str) -> None:
+        """A follow is refused up front on a driver whose logs cannot be followed live."""
+        for kind in sorted({r.driver for r in replicas}):
+            found = self.reconciler.registry.entry(kind)
+            if not found.can(Capability.LIVE_LOGS):
+                raise ApiError(HTTPStatus.BAD_REQUEST,
+                               f"logs -f {what}: the {kind} driver cannot follow logs while a "
+                               "replica runs; read them without follow")
+
     def replica(self, ref: str) -> ReplicaRecord:
         """A replica by id or unique id prefix (ids are long; people type the start)."""
         with self.store.tx(readonly=True) as tx:
@@ -208,12 +218,17 @@ class Api:
 
     def replica_logs(self, ref: str, lines: int | None = None,
                      follow: bool = False) -> Iterator[bytes]:
-        return replica_log(self._source(self.replica(ref)), lines, follow)
+        found = self.replica(ref)
+        if follow:
+            self._can_follow([found], ref)
+        return replica_log(self._source(found), lines, follow)
 
     def object_logs(self, kind: str, name: str, lines: int | None = None,
                     follow: bool = False) -> Iterator[bytes]:
         with self.store.tx(readonly=True) as tx:
             self._get(tx, kind, name)
+            if follow:
+                self._can_follow(tx.list_replicas(kind, name), f"{kind}/{name}")
 
         def sources() -> list[LogSource]:
             with self.store.tx(readonly=True) as tx:
