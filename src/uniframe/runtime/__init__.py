@@ -8,6 +8,8 @@ control plane — must find it, tell whether it still runs (a PID plus the
 process start time, so a reused PID is not mistaken for our VM) and read how it
 ended (the exit status the guest printed on its console).
 
+- :mod:`.registry`: every driver declared once (runtime names, image kinds,
+  capabilities, host check); everyone else finds drivers there.
 - :mod:`.replica`: the records every driver shares (config, replica, status).
 - :mod:`.process`: recognising a process across CLI invocations.
 - :mod:`.ports`: published ports and the check that they are free.
