@@ -9,6 +9,7 @@ and test_bridge_network.py).
 from __future__ import annotations
 
 import ipaddress
+import json
 import multiprocessing
 import os
 import shutil
@@ -328,3 +329,39 @@ def test_the_lock_holds_other_processes_off(tmp_path: Path) -> None:
     assert other.wait(timeout=30) == 0
     with hostnet.locked(tmp_path) as net:
         assert [h.owner.replica_id for h in net.holdings()] == ["other0000001"]
+
+
+# -- records of earlier versions ----------------------------------------------
+
+
+def test_the_per_driver_books_of_earlier_versions_are_taken_over(tmp_path: Path, nft: list[NatCall]) -> None:
+    """A bridged microVM and a container started before the upgrade keep their address and port."""
+    me = ProcessRef.of(os.getpid())
+    bridge_port, runc_port = free_port(), free_port()
+    for replica_id, book, lease, port, target in (
+        ("0b0b0b0b0b0b", "network", "10.88.0.2", bridge_port, {"guest_ip": "10.88.0.2"}),
+        ("0c0c0c0c0c0c", "runc-network", "0", runc_port, {"container_ip": "10.89.0.2"}),
+    ):
+        (tmp_path / book / "leases").mkdir(parents=True, exist_ok=True)
+        (tmp_path / book / "ports").mkdir(exist_ok=True)
+        (tmp_path / book / "leases" / lease).write_text(replica_id)
+        rule = {**PortMapping(port, 80).to_json(), **target}
+        (tmp_path / book / "ports" / f"{replica_id}.json").write_text(json.dumps([rule]))
+        d = tmp_path / "replicas" / replica_id
+        d.mkdir(parents=True)
+        (d / "replica.json").write_text(json.dumps({"id": replica_id, "name": f"old-{book}",
+                                                    "driver": "x", "pid": me.pid,
+                                                    "pid_start_time": me.start_time}))
+    with hostnet.locked(tmp_path) as net:
+        held = {h.owner.replica_id: (h.owner.name, h.ports, h.leases) for h in net.holdings()}
+        assert held == {
+            "0b0b0b0b0b0b": ("old-network", (PortMapping(bridge_port, 80),), (("bridge", 2),)),
+            "0c0c0c0c0c0c": ("old-runc-network", (PortMapping(runc_port, 80),), (("veth", 0),)),
+        }
+        newcomer = owner(tmp_path, "0d0d0d0d0d0d")
+        with pytest.raises(PortInUseError, match="already published by replica 0c0c0c0c0c0c"):
+            net.claim(newcomer, [PortMapping(runc_port, 80, "0.0.0.0")])
+        net.claim(newcomer, [])
+        assert net.lease(newcomer.replica_id, hostnet.VETH).index == 1  # block 0 is still taken
+    assert not (tmp_path / "network").exists() and (tmp_path / "network.imported").is_dir()
+    assert ("veth", [(PortMapping(runc_port, 80), "10.89.0.2")], True) in nft  # DNAT rewritten

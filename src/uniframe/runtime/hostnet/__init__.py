@@ -19,7 +19,8 @@ records, so it always matches them::
 
 Modules: ``pools`` (the address pools and leases), ``claims`` (when two ports
 overlap), ``records`` (one file per replica), ``session`` (the lock, stale
-reclaim), ``nat`` (a pool's nftables table).
+reclaim), ``nat`` (a pool's nftables table), ``legacy`` (the per-driver
+records of earlier versions, taken over once).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.hostnet import claims, nat, records
+from uniframe.runtime.hostnet import claims, legacy, nat, records
 from uniframe.runtime.hostnet.pools import POOLS, Lease, Pool
 from uniframe.runtime.hostnet.records import Holding, Owner
 from uniframe.runtime.ports import PortInUseError, PortMapping, ensure_free
@@ -49,6 +49,9 @@ class HostNet:
         self._holdings = records.load_all(self._dir)
         self._dirty: set[str] = set()  # pools whose nftables table must be rewritten
         self.reclaimed: list[Holding] = []
+        for holding in legacy.import_books(state_root):
+            if holding.owner.replica_id not in self._holdings:
+                self._put(holding)
         self._sweep()
 
     # -- reading ---------------------------------------------------------------
