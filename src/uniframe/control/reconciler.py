@@ -33,6 +33,7 @@ an image build for one service does not hold up restarts of another.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ from uniframe.control.states import (
 )
 from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
 from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
-from uniframe.errors import SpecError, UniframeError
+from uniframe.errors import SpecError, UniframeError, is_permanent
 from uniframe.runtime.driver import Driver, ReplicaNotFoundError
 from uniframe.runtime.registry import REGISTRY, Registry
 from uniframe.runtime.replica import ReplicaState
@@ -127,6 +128,30 @@ class _Build:
     attempt: Future[Image]
     failures: int = 0            # failed attempts reported so far, in a row
     retry_at: float | None = None  # set once the attempt's failure is reported: when to retry
+    #                              (math.inf: a permanent failure, until the spec changes)
+    generation: int = 0          # of the spec it was built for
+
+
+@dataclass
+class _Trouble:
+    """An object whose last pass failed: why, and when it may run again.
+
+    Kept in memory, as the builds are: a new daemon tries every object once at once.
+    """
+
+    generation: int   # of the spec that failed; a changed spec runs at once
+    cause: str        # the failure as reported: one event per cause, not one per attempt
+    failures: int     # passes failed in a row at this generation
+    retry_at: float   # monotonic; math.inf for a permanent failure (held until the spec changes)
+
+
+def _starting_point(rollout: RolloutRecord | None) -> str:
+    """The revision a new rollout starts from, after ``rollout`` (the object's latest)."""
+    if rollout is None:
+        return ""
+    if rollout.state == COMPLETE:
+        return rollout.to_digest
+    return rollout.from_digest or rollout.to_digest
 
 
 @dataclass
@@ -160,7 +185,7 @@ class Reconciler:
             store, state_root / "endpoints" if state_root else None, host=endpoint_host)
         self.liveness = Liveness()
         self._image_cache: dict[tuple[str, str], Image] = {}
-        self._failing: dict[str, str] = {}  # object ref -> the failure last reported
+        self._trouble: dict[str, _Trouble] = {}  # object ref -> its last pass's failure
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._inflight: dict[str, Future[bool]] = {}
         self._builds: dict[tuple[str, str], _Build] = {}
@@ -204,7 +229,8 @@ class Reconciler:
         """Start a pass for every object that has none running; return the started ones."""
         began = time.monotonic()
         with self.store.tx(readonly=True) as tx:
-            objects = [o for o in tx.list_objects(include_deleted=True) if o.kind in RUN_KINDS]
+            objects = [o for o in tx.list_objects(include_deleted=True)
+                       if o.kind in RUN_KINDS and not self._waiting(o, began)]
         started: list[Future[bool]] = []
         with self._lock:
             for obj in objects:
@@ -245,7 +271,11 @@ class Reconciler:
             future.add_done_callback(one_done)
 
     def reconcile_once(self) -> PassResult:
-        """One complete pass over every object (live or deleted), waiting for all of them."""
+        """One complete pass over every object (live or deleted), waiting for all of them.
+
+        An object whose failure's back-off still runs, or that a permanent failure holds
+        (and whose spec has not changed since), sits the pass out, as under :meth:`run`.
+        """
         with self._lock:
             running = list(self._inflight.values())
         wait_all(running)
@@ -257,24 +287,70 @@ class Reconciler:
         """One object's pass; its failure is reported once as an event and stays its own."""
         try:
             self.reconcile_object(obj)
-            self._failing.pop(obj.ref, None)
-            return True
-        except UniframeError as exc:
-            self._report(obj, str(exc)[:2000])
+        except Exception as exc:  # a bug must not kill the loop either: it is a failure too
+            self._failed(obj, exc)
             return False
-        except Exception as exc:  # a bug must not kill the loop; it is reported like a failure
-            self._report(obj, f"internal error: {type(exc).__name__}: {exc}"[:2000])
-            return False
+        self._trouble.pop(obj.ref, None)
+        return True
 
-    def _report(self, obj: ObjectRecord, message: str) -> None:
+    def _waiting(self, obj: ObjectRecord, now: float) -> bool:
+        """Whether ``obj`` sits out a pass begun at ``now`` (monotonic): its last failure's
+        back-off runs, or a permanent failure holds it, and its spec has not changed since."""
+        trouble = self._trouble.get(obj.ref)
+        return (trouble is not None and trouble.generation == obj.generation
+                and now < trouble.retry_at)
+
+    def _failed(self, obj: ObjectRecord, exc: Exception) -> None:
+        """Report a failed pass and decide when the object runs again (kopf's two kinds).
+
+        Temporary, the default (:func:`~uniframe.errors.is_permanent` says why an
+        unknown exception counts as one): the object runs again after
+        :func:`build_backoff`, 10 s doubling to 5 min, or at once when its spec
+        changes; its replicas keep their own restart back-off meanwhile. Permanent
+        (a spec the policy refuses, a model the registry does not have...): the
+        object is failed (a Warning event, its rollout ``failed`` with the cause,
+        so ``get`` and ``describe`` say why) and sits out every pass until its
+        generation changes. A deleted object is never held: it must go, so
+        whatever stops its removal is retried.
+        """
+        cause = (str(exc) if isinstance(exc, UniframeError)
+                 else f"internal error: {type(exc).__name__}: {exc}")[:2000]
+        permanent = is_permanent(exc) and not obj.deleted
+        prior = self._trouble.get(obj.ref)
+        again = prior is not None and prior.generation == obj.generation
+        failures = prior.failures + 1 if prior is not None and again else 1
+        if permanent:
+            retry_at = math.inf
+            message = f"{cause}; not retried until the spec changes: fix it and apply it again"
+        else:
+            delay = build_backoff(failures - 1)
+            retry_at = time.monotonic() + delay
+            message = f"{cause}; retrying in {delay:.0f} s, or at once when a changed spec is applied"
+        self._trouble[obj.ref] = _Trouble(obj.generation, cause, failures, retry_at)
         self.errors += 1
-        if self._failing.get(obj.ref) == message:
-            return  # the same failure again: one event, not one per pass
-        self._failing[obj.ref] = message
         self.log(f"{obj.ref}: {message}")
+        if again and prior is not None and prior.cause == cause:
+            return  # the same failure again: one event, not one per attempt
         with contextlib.suppress(UniframeError), self.store.tx() as tx:
-            if tx.get_object(obj.kind, obj.name, include_deleted=True) is not None:
-                tx.add_event(obj.kind, obj.name, "ReconcileFailed", message, type="Warning")
+            current = tx.get_object(obj.kind, obj.name, include_deleted=True)
+            if current is None:
+                return
+            tx.add_event(obj.kind, obj.name, "ReconcileFailed", message, type="Warning")
+            if permanent and current.generation == obj.generation:
+                self._fail_revision(tx, obj, message)
+
+    @staticmethod
+    def _fail_revision(tx: Tx, obj: ObjectRecord, message: str) -> None:
+        """Mark the rollout to the object's current spec ``failed`` with ``message``, starting
+        one if the pass failed before it could (a spec refused before its revision counts)."""
+        digest = revision_digest(obj.spec)
+        rollout = tx.get_rollout(obj.kind, obj.name)
+        if rollout is not None and rollout.to_digest == digest:
+            tx.update_rollout(obj.kind, obj.name, state=FAILED, message=message)
+            return
+        tx.start_rollout(obj.kind, obj.name, strategy="rolling",
+                         from_digest=_starting_point(rollout), to_digest=digest, state=FAILED,
+                         traffic_percent=None, message=message)
 
     # -- one object --------------------------------------------------------------------------
 
@@ -393,12 +469,7 @@ class Reconciler:
             return rollout  # the rollback is in effect: retire the failed replicas, nothing new
         numbers = {r.digest: r.number for r in tx.list_revisions(obj.kind, obj.name)}
         has_old = any(r.revision != digest for r in replicas)
-        if rollout is None:
-            start_from = ""
-        elif rollout.state == COMPLETE:
-            start_from = rollout.to_digest
-        else:
-            start_from = rollout.from_digest or rollout.to_digest
+        start_from = _starting_point(rollout)
         strategy = rules.strategy if has_old and not returning else "rolling"
         percent = rules.traffic_percent if strategy == "canary" else None
         how = (f"canary taking {percent}% of requests" if percent is not None else
@@ -501,7 +572,8 @@ class Reconciler:
         minutes; the finished build wakes the loop. A failed attempt is
         reported once (an event naming the cause, the rollout ``failed``,
         the error counter) and tried again after :func:`build_backoff`, not
-        on every pass; a changed spec is another revision and builds at once.
+        on every pass, or never while the spec stays the same if the failure
+        is permanent; a changed spec is another revision and builds at once.
         """
         runtime = service.spec.runtime
         key = (digest, runtime)
@@ -515,10 +587,11 @@ class Reconciler:
                 return image
         with self._lock:
             build = self._builds.get(key)
-            start = build is None or (build.retry_at is not None
-                                      and time.monotonic() >= build.retry_at)
+            start = build is None or (build.retry_at is not None and (
+                time.monotonic() >= build.retry_at or build.generation != obj.generation))
             if start:
-                build = _Build(obj.ref, Future(), failures=build.failures if build else 0)
+                build = _Build(obj.ref, Future(), failures=build.failures if build else 0,
+                               generation=obj.generation)
                 self._builds[key] = build
         assert build is not None
         if start:
@@ -532,7 +605,7 @@ class Reconciler:
         failure = build.attempt.exception()
         if failure is not None:
             if build.retry_at is None:  # this attempt's failure is not reported yet
-                delay = build_backoff(build.failures)
+                delay = math.inf if is_permanent(failure) else build_backoff(build.failures)
                 self._build_failed(obj, digest, runtime, failure, delay)
                 build.failures += 1
                 build.retry_at = time.monotonic() + delay
@@ -552,8 +625,10 @@ class Reconciler:
         ``get`` and ``describe`` say why nothing runs."""
         cause = str(failure) if isinstance(failure, UniframeError) else (
             f"internal error: {type(failure).__name__}: {failure}")
-        message = (f"the {runtime} image failed to build: {cause[:2000]}; retrying in "
-                   f"{retry_in:.0f} s, or at once when a changed spec is applied")
+        when = ("not retried until the spec changes: fix it and apply it again"
+                if math.isinf(retry_in) else
+                f"retrying in {retry_in:.0f} s, or at once when a changed spec is applied")
+        message = f"the {runtime} image failed to build: {cause[:2000]}; {when}"
         self.errors += 1
         self.log(f"{obj.ref}: {message}")
         with self.store.tx() as tx:
