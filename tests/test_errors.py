@@ -10,16 +10,22 @@ import pytest
 from uniframe import errors
 from uniframe.build.model import resolve_model
 from uniframe.build.modelstore import ModelStore
+from uniframe.build.store import ImageStore, finalize_manifest
 from uniframe.errors import (
     BuildError,
     CredentialError,
     ImageError,
     MissingExtraError,
+    RuntimeDriverError,
     SpecError,
     UniframeError,
     is_permanent,
 )
 from uniframe.extras import BUILD
+from uniframe.runtime.local import ProcessDriver
+from uniframe.runtime.registry import REGISTRY
+from uniframe.runtime.replica import ImageRef, ReplicaConfig
+from uniframe.runtime.runc.driver import resolve_image
 from uniframe.spec import InferenceService, load_data
 
 
@@ -71,3 +77,35 @@ def test_a_model_missing_from_the_registry_is_permanent(
     with pytest.raises(BuildError, match="iris@3 is not in the model registry") as built:
         resolve_model(service, tmp_path / "work")
     assert is_permanent(built.value)
+
+
+def _stored_image(tmp_path: Path, kind: str) -> tuple[ImageStore, Path]:
+    """An image of ``kind`` in a fresh store (no files: only its kind is read)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    finalize_manifest(src, {"kind": kind, "files": {}})
+    store = ImageStore(tmp_path / "images")
+    return store, store.add_dir(src, f"{kind}:1").dir
+
+
+def test_an_image_kind_a_driver_cannot_run_is_permanent(tmp_path: Path) -> None:
+    """Retrying cannot make runc run a unikernel or the process driver a VM: the spec must
+    name another image or runtime."""
+    store, unikernel = _stored_image(tmp_path, "unikernel")
+    with pytest.raises(ImageError, match="the runc driver runs OCI images") as runc:
+        resolve_image("unikernel:1", store)
+    assert is_permanent(runc.value)
+    config = ReplicaConfig(image=ImageRef("unikernel:1", "", Path(), Path(), kind="unikernel",
+                                          path=unikernel))
+    with pytest.raises(RuntimeDriverError, match="not a process image") as process:
+        ProcessDriver(tmp_path / "replicas").create(config)
+    assert is_permanent(process.value)
+
+
+def test_a_runtime_or_image_kind_no_driver_serves_is_permanent() -> None:
+    with pytest.raises(RuntimeDriverError, match="unknown runtime") as runtime:
+        REGISTRY.entry_for_runtime("wasm")
+    assert is_permanent(runtime.value)
+    with pytest.raises(RuntimeDriverError, match="which no driver runs") as kind:
+        REGISTRY.entry_for_image_kind("wasm-module")
+    assert is_permanent(kind.value)

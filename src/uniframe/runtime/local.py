@@ -63,7 +63,8 @@ class ProcessDriver(Driver):
             raise RuntimeDriverError(f"image {config.image.ref}: no image directory to run")
         image = load_image_dir(config.image.path)
         if image.kind != "process":
-            raise RuntimeDriverError(f"image {config.image.ref} is a {image.kind} image, not a process image")
+            raise RuntimeDriverError(f"image {config.image.ref} is a {image.kind} image, not a "
+                                     "process image", permanent=True)
         if len(config.ports) > 1:
             raise RuntimeDriverError("a process replica serves one port; publish one -p HOST:GUEST")
         if config.name and any(r.name == config.name for r in self.list()):

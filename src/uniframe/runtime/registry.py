@@ -235,7 +235,8 @@ class Registry:
         found = self.serving(runtime)
         if not found:
             names = sorted({r for e in self._entries for r in e.runtimes})
-            raise RuntimeDriverError(f"unknown runtime {runtime!r}; use one of {', '.join(names)}")
+            raise RuntimeDriverError(f"unknown runtime {runtime!r}; use one of {', '.join(names)}",
+                                     permanent=True)  # only a changed spec names another
         return found[0]
 
     def entry_for_image_kind(self, image_kind: str, what: str = "an image") -> DriverEntry:
@@ -245,7 +246,7 @@ class Registry:
                 return e
         kinds = sorted({k for e in self._entries for k in e.image_kinds})
         raise RuntimeDriverError(f"{what} is of kind {image_kind!r}, which no driver runs; "
-                                 f"drivers run {', '.join(kinds)} images")
+                                 f"drivers run {', '.join(kinds)} images", permanent=True)
 
     def driver_for(self, kind: str, root: Path | None = None) -> Driver:
         """The driver of ``kind`` keeping its replicas under ``root`` (default: the state dir)."""

@@ -120,7 +120,8 @@ def resolve_image(ref: str, store: ImageStore | None = None) -> Path:
                              "directory, a .tar of one, or an image name from 'uniframe images'") from None
         raise
     if image.kind != "oci":
-        raise ImageError(f"image {ref} is a {image.kind} image; the runc driver runs OCI images")
+        raise ImageError(f"image {ref} is a {image.kind} image; the runc driver runs OCI images",
+                         permanent=True)  # only a changed spec names another image
     return image.dir
 
 
