@@ -96,12 +96,14 @@ def backoff(restarts: int) -> float:
 
 
 def build_backoff(failures: int) -> float:
-    """Seconds to wait after failed build number ``failures + 1`` of one revision's image.
+    """Seconds to wait after failed build number ``failures + 1`` of one revision's image,
+    and after failed pass number ``failures + 1`` of one object (a temporary failure).
 
     A build that failed (a model that does not load, a full disk) fails the
     same way when tried again at once, at a full build's cost each time, so
     retries wait 10 s doubling to 5 min; a changed spec is another revision
-    and builds at once.
+    and builds at once. A permanent failure is not retried at all until the
+    spec changes (see :func:`uniframe.errors.is_permanent`).
     """
     return float(min(BUILD_RETRY_MAX, BUILD_RETRY_FIRST * 2 ** max(0, failures)))
 
