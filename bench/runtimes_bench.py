@@ -253,7 +253,7 @@ def main() -> int:
             row.starts.append(first_inference(driver, image, timeout)[0])
         _elapsed, rid = first_inference(driver, image, timeout, keep=True)
         row.rss_mib = rss_mib(driver, rid)
-        row.accel = driver.get(rid).accel or ""
+        row.accel = driver.accelerator(driver.get(rid)) or ""
         driver.stop(rid, timeout=60)
         driver.remove(rid, force=True)
         rows.append(row)

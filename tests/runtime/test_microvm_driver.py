@@ -40,7 +40,7 @@ def test_boot_serve_stop_and_rediscover(driver: QemuMicroVMDriver, test_image: P
 
     # Everything needed to find it again is on disk.
     record = json.loads((replica.dir / REPLICA_FILE).read_text())
-    assert record["pid"] == replica.pid and record["accel"] == "tcg"
+    assert record["pid"] == replica.pid and record["extra"]["accel"] == "tcg"
     assert ProcessRef(record["pid"], record["pid_start_time"]).alive()
     assert record["ports"] == [{"host_ip": "127.0.0.1", "host_port": port, "guest_port": GUEST_PORT, "protocol": "tcp"}]
     assert "-no-reboot" in record["argv"]

@@ -29,7 +29,7 @@ from uniframe.runtime.ports import PortInUseError, PortMapping
 from uniframe.runtime.qemu.initramfs import compile_static
 from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
 from uniframe.runtime.runc import network
-from uniframe.runtime.runc.driver import RuncDriver, image_ref
+from uniframe.runtime.runc.driver import RuncDriver, RuncRecord, image_ref
 
 pytestmark = [
     pytest.mark.root,
@@ -187,7 +187,8 @@ def test_container_serves_on_a_published_port_and_leaves_nothing(driver: RuncDri
     limits = driver.cgroup_limits("web")
     assert (limits.cpus, limits.memory_bytes) == (1.0, 64 << 20)
     # the container's own address works too, and the veth is where the driver says
-    assert replica.guest_ip and httpx.get(f"http://{replica.guest_ip}:{GUEST_PORT}/", timeout=5).status_code == 200
+    container_ip = RuncRecord.of(replica).container_ip
+    assert container_ip and httpx.get(f"http://{container_ip}:{GUEST_PORT}/", timeout=5).status_code == 200
     # a new driver (another process, in real life) finds it from the files on disk
     assert RuncDriver().inspect(replica.id).state is ReplicaState.RUNNING
     during = host_snapshot(replica.id)
@@ -281,7 +282,7 @@ def test_host_network(driver: RuncDriver, tmp_path: Path, server_binary: bytes) 
     replica = driver.create(ReplicaConfig(image=image_ref(str(image)), network="host"))
     driver.start(replica.id)
     assert wait_http(port).text.startswith("hello pid=1 ")
-    assert driver.get(replica.id).guest_ip is None
+    assert RuncRecord.of(driver.get(replica.id)).container_ip is None
     driver.remove(replica.id, force=True)
     assert driver.leftovers(replica) == []
 

@@ -132,7 +132,8 @@ def run(
         console.print(replica.id)
         return
     err_console.print(f"[dim]replica {replica.id} ({replica.name}, {driver.kind}"
-                      f"{', accel ' + replica.accel if replica.accel else ''}); Ctrl-C stops it[/]")
+                      f"{', accel ' + accel if (accel := driver.accelerator(replica)) else ''}); "
+                      "Ctrl-C stops it[/]")
     offset = replica.log_offset
     signal.signal(signal.SIGTERM, _terminate)  # a supervisor's SIGTERM stops it like Ctrl-C
     try:
@@ -207,19 +208,23 @@ def ps(
     if not all_:
         rows = [(r, s) for r, s in rows if s.state is ReplicaState.RUNNING]
     if output != "table":
-        print_data([{**r.to_json(), "dir": str(r.dir), "status": s.to_json()} for r, s in rows],
-                   output)
+        print_data([{**r.to_json(), "accel": _accel(r), "dir": str(r.dir), "status": s.to_json()}
+                    for r, s in rows], output)
         return
     header = ("ID", "NAME", "RUNTIME", "IMAGE", "STATE", "PORTS", "UPTIME", "ACCEL")
     lines = [header] + [
         (r.id, r.name, r.driver, _image_label(r), _state_text(s),
-         ",".join(str(p) for p in r.config.ports) or "-", _uptime(r, s), r.accel or "-")
+         ",".join(str(p) for p in r.config.ports) or "-", _uptime(r, s), _accel(r) or "-")
         for r, s in rows
     ]
     # Plain columns, never truncated: ps output is read by scripts as often as by people.
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("   ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _accel(replica: Replica) -> str | None:
+    return driver_for(replica.driver).accelerator(replica)
 
 
 def _image_label(replica: Replica) -> str:

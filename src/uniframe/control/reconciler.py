@@ -706,7 +706,7 @@ class Reconciler:
         """Bring one recorded replica's state up to date; None if it was cleaned away."""
         driver = self.driver(rec.driver)
         try:
-            status = driver.inspect(rec.id)
+            status = driver.reap(rec.id)  # an end seen here is recorded, its resources released
             started_at = driver.get(rec.id).started_at
         except ReplicaNotFoundError:
             with self.store.tx() as tx:

@@ -88,20 +88,16 @@ def wait_group_gone(pgid: int, timeout: float) -> bool:
     return True
 
 
-def launched_alive(pid: int | None, start_time: int | None,
-                   children: dict[int, subprocess.Popen[bytes]] | None = None) -> bool:
-    """Whether the process a driver launched (pid + start time) still runs.
+def launched_alive(process: ProcessRef, children: dict[int, subprocess.Popen[bytes]]) -> bool:
+    """Whether a process a driver launched still runs.
 
     A child of this very process is asked through its Popen (which also reaps
     it); any other is recognised by its start time and reaped if it is ours.
     """
-    if pid is None or start_time is None:
-        return False
-    child = (children or {}).get(pid)
+    child = children.get(process.pid)
     if child is not None and child.poll() is not None:
         return False
-    pref = ProcessRef(pid, start_time)
-    alive = pref.alive()
+    alive = process.alive()
     if not alive:
-        pref.reap()
+        process.reap()
     return alive

@@ -2,8 +2,9 @@
 
 They are plain dataclasses that round-trip through JSON because the replica's
 directory, not a process's memory, is the source of truth (see the package
-docstring). A future common ``Driver`` interface over QEMU and runc speaks in
-exactly these types.
+docstring). Only what every driver has lives in these fields; what one driver
+chose or made (a QEMU accelerator, a tap device, a container's address) lives
+in ``Replica.extra``, read and written through a typed record that driver owns.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from uniframe.runtime.ports import PortMapping
+
+# Top-level fields of replica.json written before the drivers kept them in ``extra``
+# (under the same keys): the daemon re-adopts replicas an older version started.
+LEGACY_DRIVER_FIELDS = ("accel", "guest_ip", "tap")
 
 
 def utcnow() -> str:
@@ -107,15 +112,12 @@ class Replica:
     config: ReplicaConfig
     created_at: str
     driver: str
-    accel: str | None = None
-    guest_ip: str | None = None
-    tap: str | None = None
     pid: int | None = None
     pid_start_time: int | None = None
     started_at: str | None = None
     log_offset: int = 0
     argv: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the driver's own record (see above)
 
     def with_(self, **changes: Any) -> Replica:
         return replace(self, **changes)
@@ -129,8 +131,7 @@ class Replica:
             "ports": [p.to_json() for p in c.ports], "accel_requested": c.accel,
             "network": c.network, "command": list(c.command) if c.command is not None else None,
             "args": list(c.args) if c.args is not None else None, "env": [list(e) for e in c.env],
-            "accel": self.accel, "guest_ip": self.guest_ip,
-            "tap": self.tap, "pid": self.pid, "pid_start_time": self.pid_start_time,
+            "pid": self.pid, "pid_start_time": self.pid_start_time,
             "log_offset": self.log_offset, "argv": list(self.argv), "extra": self.extra,
         }
 
@@ -145,11 +146,14 @@ class Replica:
             args=tuple(data["args"]) if data.get("args") is not None else None,
             env=tuple((str(k), str(v)) for k, v in data.get("env", [])),
         )
+        extra = dict(data.get("extra", {}))
+        for key in LEGACY_DRIVER_FIELDS:  # records written before drivers kept these in extra
+            if data.get(key) is not None:
+                extra.setdefault(key, data[key])
         return cls(
             id=str(data["id"]), name=str(data["name"]), dir=directory, config=config,
             created_at=str(data["created_at"]), driver=str(data["driver"]),
-            accel=data.get("accel"), guest_ip=data.get("guest_ip"), tap=data.get("tap"),
             pid=data.get("pid"), pid_start_time=data.get("pid_start_time"),
             started_at=data.get("started_at"), log_offset=int(data.get("log_offset", 0)),
-            argv=tuple(data.get("argv", [])), extra=dict(data.get("extra", {})),
+            argv=tuple(data.get("argv", [])), extra=extra,
         )

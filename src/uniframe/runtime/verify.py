@@ -124,9 +124,9 @@ def boot_and_infer(
                     f"{_console_tail(driver, replica.id)}")
             time.sleep(0.05)
         if keep:
-            return Proof(elapsed, response, replica.accel or "?", replica.id, "running", None)
+            return Proof(elapsed, response, driver.accelerator(replica) or "?", replica.id, "running", None)
         final = driver.stop(replica.id, timeout=15)
-        return Proof(elapsed, response, replica.accel or "?", replica.id, final.state.value,
+        return Proof(elapsed, response, driver.accelerator(replica) or "?", replica.id, final.state.value,
                      final.exit_status)
     finally:
         if not keep:

@@ -1,4 +1,9 @@
-"""The QEMU command line for a ``-M microvm`` guest, and launching it detached.
+"""The QEMU command line for a ``-M microvm`` guest, and what every QEMU replica shares.
+
+Both QEMU drivers (microVM here, full VM in :mod:`uniframe.runtime.vm`) launch
+QEMU detached with its serial console logged and a QMP socket, wait for QMP
+to answer, and force a stuck guest down with QMP ``quit``; those pieces, and
+the record of what a run chose (:class:`QemuRecord`), are at the end of this module.
 
 Why these options (measured on the 2-core TCG host, see tests/runtime and the
 DESIGN notes):
@@ -46,15 +51,22 @@ DESIGN notes):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uniframe.errors import RuntimeDriverError
 from uniframe.guest.cmdline import KERNEL_ARGS
+from uniframe.runtime.ports import PortInUseError
+from uniframe.runtime.qemu.qmp import Qmp, QmpError
 from uniframe.runtime.qemu.tsc import host_tsc_khz
+from uniframe.runtime.replica import Replica
 
 MACHINE = "microvm,acpi=off,x-option-roms=off"
 DEFAULT_TB_SIZE_MIB = 32
@@ -65,6 +77,13 @@ TCG_KERNEL_ARGS = ("tsc=reliable", "noapictimer")
 # Kernel arguments every uniframe guest needs (console, reboot=t, panic=-1,
 # random.trust_cpu=on), defined beside the guest init that relies on them.
 RUNTIME_KERNEL_ARGS = dict(arg.split("=", 1) for arg in KERNEL_ARGS)
+
+# The files of a QEMU replica's directory.
+CONSOLE_LOG = "console.log"    # the guest's serial console, complete from the first byte
+CONSOLE_SOCK = "console.sock"  # the console's input
+QMP_SOCK = "qmp.sock"
+QEMU_LOG = "qemu.log"          # QEMU's own stdout/stderr
+START_TIMEOUT_S = 15.0         # launch to QMP answering
 
 USER_NET_GUEST_IP = "10.0.2.15"
 USER_NET_IP_ARG = f"ip={USER_NET_GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
@@ -191,3 +210,66 @@ def launch_detached(argv: list[str], cwd: Path, output: Path) -> subprocess.Pope
         out.flush()
         return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+
+
+@dataclass(frozen=True)
+class QemuRecord:
+    """What a QEMU driver chose for a replica's run, kept in ``Replica.extra``.
+
+    The accelerator the probe picked, and for a bridged microVM its tap device
+    and address (the keys are the ones older records kept at the top level).
+    """
+
+    accel: str | None = None
+    guest_ip: str | None = None
+    tap: str | None = None
+
+    @classmethod
+    def of(cls, replica: Replica) -> QemuRecord:
+        e = replica.extra
+        return cls(e.get("accel"), e.get("guest_ip"), e.get("tap"))
+
+    def on(self, replica: Replica) -> Replica:
+        """``replica`` carrying this record."""
+        return replica.with_(extra={**replica.extra, "accel": self.accel,
+                                    "guest_ip": self.guest_ip, "tap": self.tap})
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, without the ``+ argv`` lines :func:`launch_detached` writes."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in text.strip().splitlines()[-lines:] if not line.startswith("+ "))
+
+
+def wait_for_qmp(directory: Path, proc: subprocess.Popen[bytes], name: str) -> None:
+    """Return once the QEMU launched for replica ``name`` answers QMP; raise if it exits first.
+
+    A host port QEMU could not forward is a :class:`PortInUseError` naming the rule.
+    """
+    deadline = time.monotonic() + START_TIMEOUT_S
+    qmp = Qmp(directory / QMP_SOCK, timeout=2.0)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = log_tail(directory / QEMU_LOG)
+            forward = re.search(r"host forwarding rule '([^']*)'", log)
+            if forward:
+                raise PortInUseError(f"QEMU could not publish {forward.group(1)} (port taken?): {log}")
+            raise RuntimeDriverError(f"QEMU exited with status {proc.returncode} while starting "
+                                     f"{name}:\n{log}\n(full log: {directory / QEMU_LOG})")
+        if (directory / QMP_SOCK).exists():
+            with contextlib.suppress(QmpError):
+                qmp.status()
+                return
+        time.sleep(0.05)
+    raise RuntimeDriverError(f"QEMU for {name} did not answer QMP within {START_TIMEOUT_S:.0f} s; "
+                             f"see {directory / QEMU_LOG}")
+
+
+def quit_qemu(directory: Path) -> str:
+    """QMP ``quit``: QEMU ends at once, whatever the guest is doing; how that reads in a status."""
+    with contextlib.suppress(QmpError):
+        Qmp(directory / QMP_SOCK, timeout=2.0).quit()
+    return "stopped with QMP quit"

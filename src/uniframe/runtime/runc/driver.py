@@ -7,7 +7,7 @@ Each replica is a directory ``<state>/replicas/<id>/`` beside the microVMs'::
     container.log  the container's stdout and stderr, complete from the first byte
     container.pid  written by runc once the container's init runs
     exitcode       written by the shim when runc returns: the container's exit status
-    exit.json      how the replica ended, once someone has seen it end
+    exit.json      how the replica ended, once someone has seen it end (runtime.driver)
 
 runc has no daemon, and ``runc run --detach`` hands the container to PID 1,
 so nobody would learn how it exited. The driver therefore starts a *shim*:
@@ -29,22 +29,17 @@ import builtins
 import contextlib
 import json
 import os
-import re
-import secrets
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from uniframe.build.oci import opened_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
-from uniframe.paths import state_dir
 from uniframe.runtime.driver import Driver
-from uniframe.runtime.ports import ensure_free
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import (
     ImageRef,
@@ -57,8 +52,6 @@ from uniframe.runtime.replica import (
 from uniframe.runtime.runc import cgroups, network
 from uniframe.runtime.runc.bundle import RuntimeOptions, bundle_from_layout
 
-REPLICA_FILE = "replica.json"
-EXIT_FILE = "exit.json"
 EXIT_CODE = "exitcode"
 PID_FILE = "container.pid"
 LOG_FILE = "container.log"
@@ -125,18 +118,56 @@ def resolve_image(ref: str, store: ImageStore | None = None) -> Path:
     return image.dir
 
 
+@dataclass(frozen=True)
+class RuncRecord:
+    """The runc driver's own part of a replica record, kept in ``Replica.extra``.
+
+    ``container_ip`` and ``host_if`` are stored as ``guest_ip`` and ``tap``: the
+    names records written before this record existed used for them.
+    """
+
+    container_id: str
+    bundle: str
+    network_mode: str               # private, host or none
+    cgroup: str
+    runc_root: str | None = None    # None in old records: the driver's default
+    args: tuple[str, ...] = ()      # the container's argv, as the bundle says
+    shim_pid: int | None = None
+    shim_start_time: int | None = None
+    host_ip: str | None = None      # the host's end of the veth
+    container_ip: str | None = None
+    host_if: str | None = None      # the veth's host side
+
+    @classmethod
+    def of(cls, replica: Replica) -> RuncRecord:
+        e = replica.extra
+        return cls(
+            container_id=str(e["container_id"]), bundle=str(e["bundle"]),
+            network_mode=str(e["network_mode"]), cgroup=str(e["cgroup"]),
+            runc_root=e.get("runc_root"), args=tuple(str(a) for a in e.get("args", ())),
+            shim_pid=e.get("shim_pid"), shim_start_time=e.get("shim_start_time"),
+            host_ip=e.get("host_ip"), container_ip=e.get("guest_ip"), host_if=e.get("tap"))
+
+    def on(self, replica: Replica) -> Replica:
+        """``replica`` carrying this record."""
+        return replica.with_(extra={
+            **replica.extra, "container_id": self.container_id, "bundle": self.bundle,
+            "network_mode": self.network_mode, "cgroup": self.cgroup, "runc_root": self.runc_root,
+            "args": list(self.args), "shim_pid": self.shim_pid,
+            "shim_start_time": self.shim_start_time, "host_ip": self.host_ip,
+            "guest_ip": self.container_ip, "tap": self.host_if})
+
+
 class RuncDriver(Driver):
     """Create, start, stop, inspect and remove container replicas with runc (root only)."""
 
     noun = "container replica"
     kind = "runc"
-    capabilities = frozenset({"port-forward", "host-network", "cgroup-limits", "logs"})
+    log_file = LOG_FILE
 
     def __init__(self, root: Path | None = None, runc_root: Path = RUNC_ROOT) -> None:
-        self.root = root or state_dir() / "replicas"
+        super().__init__(root)
         self.runc_root = runc_root
-
-    # -- records on disk -------------------------------------------------
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -174,15 +205,8 @@ class RuncDriver(Driver):
         if config.cpus < 1 or config.memory_mib < 8:
             raise RuntimeDriverError(f"a container needs at least 1 CPU and 8Mi of memory "
                                      f"(got {config.cpus} CPUs, {config.memory_mib}Mi)")
-        if config.name and any(r.name == config.name for r in self.list()):
-            raise RuntimeDriverError(f"a replica named {config.name!r} already exists; remove it "
-                                     f"with 'uniframe rm {config.name}' or pick another --name")
         source = _layout_source(config)
-        replica_id = secrets.token_hex(6)
-        base = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(config.image.ref.split(":")[0]).name)[:40] or "container"
-        name = config.name or f"{base}-{replica_id[:4]}"
-        directory = self.root / replica_id
-        directory.mkdir(parents=True)
+        replica_id, name, directory = self._allocate(config.name, Path(config.image.ref.split(":")[0]).name)
         try:
             bundle = bundle_from_layout(source, directory / BUNDLE, self._options(replica_id, name, config, mode))
             digest = config.image.digest or bundle.manifest_digest
@@ -190,59 +214,52 @@ class RuncDriver(Driver):
             shutil.rmtree(directory, ignore_errors=True)
             raise
         image = replace(config.image, digest=digest)
-        replica = Replica(
+        record = RuncRecord(
+            container_id=f"uf-{replica_id}", bundle=str(bundle.dir), network_mode=mode,
+            cgroup=cgroups.cgroups_path(replica_id), runc_root=str(self.runc_root),
+            args=tuple(json.loads(bundle.config_path.read_text())["process"]["args"]))
+        replica = record.on(Replica(
             id=replica_id, name=name, dir=directory, config=replace(config, image=image, name=name),
-            created_at=utcnow(), driver=self.kind,
-            extra={"container_id": f"uf-{replica_id}", "bundle": str(bundle.dir), "network_mode": mode,
-                   "cgroup": cgroups.cgroups_path(replica_id), "runc_root": str(self.runc_root),
-                   "args": list(json.loads(bundle.config_path.read_text())["process"]["args"])},
-        )
+            created_at=utcnow(), driver=self.kind))
         self._save(replica)
         return replica
 
-    def start(self, ref: str) -> Replica:
-        """Run the container detached and return once its init process runs."""
-        replica = self.get(ref)
-        if self._running(replica):
-            raise RuntimeDriverError(f"replica {replica.name} is already running")
-        config = replica.config
-        mode = str(replica.extra["network_mode"])
-        ensure_free(list(config.ports))
-        for stale in (EXIT_FILE, EXIT_CODE, PID_FILE):
+    def _launch(self, replica: Replica) -> tuple[Replica, subprocess.Popen[bytes]]:
+        """The shim, which runs ``runc run`` in the foreground; attached to its network first."""
+        record = RuncRecord.of(replica)
+        for stale in (EXIT_CODE, PID_FILE):
             (replica.dir / stale).unlink(missing_ok=True)
-        self._delete_container(replica)
         attachment = None
-        if mode != "host":
-            attachment = network.attach(self.root.parent, replica.id, mode, list(config.ports))
-        log = replica.dir / LOG_FILE
-        log_offset = log.stat().st_size if log.exists() else 0
-        argv = ["sh", "-c", SHIM, "uniframe-shim", _runc(), str(self.runc_root),
-                str(replica.extra["bundle"]), str(replica.dir / PID_FILE),
-                str(replica.extra["container_id"]), str(replica.dir / EXIT_CODE)]
-        self.runc_root.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
+        if record.network_mode != "host":
+            attachment = network.attach(self.root.parent, replica, record.network_mode)
+        argv = ["sh", "-c", SHIM, "uniframe-shim", _runc(), str(self._runc_root(record)),
+                record.bundle, str(replica.dir / PID_FILE), record.container_id,
+                str(replica.dir / EXIT_CODE)]
+        self._runc_root(record).mkdir(parents=True, exist_ok=True)
+        with (replica.dir / LOG_FILE).open("ab") as out:
             shim = subprocess.Popen(argv, cwd=replica.dir, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=out, start_new_session=True)
-        shim_ref = ProcessRef.of(shim.pid)
-        replica = replica.with_(started_at=utcnow(), log_offset=log_offset, argv=tuple(argv),
-                                guest_ip=attachment.container_ip if attachment else None,
-                                tap=attachment.host_if if attachment else None,
-                                extra={**replica.extra, "shim_pid": shim_ref.pid,
-                                       "shim_start_time": shim_ref.start_time,
-                                       "host_ip": attachment.host_ip if attachment else None})
-        self._save(replica)
         try:
-            pid = self._wait_started(replica, shim)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(shim.pid, signal.SIGKILL)
-            shim.wait()
-            self._delete_container(replica)
-            self._release(replica)
-            raise
-        container = ProcessRef.of(pid)
-        replica = replica.with_(pid=container.pid, pid_start_time=container.start_time)
-        self._save(replica)
+            shim_ref = ProcessRef.of(shim.pid)
+        except ProcessLookupError:
+            shim_ref = ProcessRef(shim.pid, -1)
+        record = replace(record, shim_pid=shim_ref.pid, shim_start_time=shim_ref.start_time,
+                         host_ip=attachment.host_ip if attachment else None,
+                         container_ip=attachment.container_ip if attachment else None,
+                         host_if=attachment.host_if if attachment else None)
+        return record.on(replica.with_(argv=tuple(argv))), shim
+
+    def _until_started(self, replica: Replica, proc: subprocess.Popen[bytes]) -> ProcessRef | None:
+        """The container's init, once runc wrote its pid: the process the replica's life is."""
+        pid = self._wait_started(replica, proc)
+        try:
+            return ProcessRef.of(pid)
+        except ProcessLookupError:
+            return ProcessRef(pid, -1)  # it ended already: how is read from the exit code
+
+    def start(self, ref: str) -> Replica:
+        """Run the container detached and return once its init process runs (limits checked)."""
+        replica = super().start(ref)
         self._check_limits(replica)
         return replica
 
@@ -263,11 +280,11 @@ class RuncDriver(Driver):
     def _check_limits(self, replica: Replica) -> None:
         """Read the limits back from the cgroup: a limit runc silently skipped must not pass unseen."""
         try:
-            limits = cgroups.read_limits(str(replica.extra["cgroup"]))
+            limits = cgroups.read_limits(RuncRecord.of(replica).cgroup)
         except OSError:
-            if self._running(replica):
+            if self._alive(replica):
                 raise RuntimeDriverError(f"replica {replica.name} runs but its cgroup "
-                                         f"{replica.extra['cgroup']} cannot be read") from None
+                                         f"{RuncRecord.of(replica).cgroup} cannot be read") from None
             return  # it already ended; inspect reports how
         want_quota = int(replica.config.cpus * 100_000)
         want_memory = replica.config.memory_mib << 20
@@ -281,142 +298,64 @@ class RuncDriver(Driver):
         """The CPU and memory limits the kernel applies to the running replica."""
         replica = self.get(ref)
         try:
-            return cgroups.read_limits(str(replica.extra["cgroup"]))
+            return cgroups.read_limits(RuncRecord.of(replica).cgroup)
         except OSError:
             raise RuntimeDriverError(f"replica {replica.name} is not running, so it has no cgroup") from None
 
     # -- state ---------------------------------------------------------------
 
-    def _refs(self, replica: Replica) -> tuple[ProcessRef, ...]:
-        refs = []
-        if replica.pid is not None and replica.pid_start_time is not None:
-            refs.append(ProcessRef(replica.pid, replica.pid_start_time))
-        shim_pid, shim_start = replica.extra.get("shim_pid"), replica.extra.get("shim_start_time")
-        if shim_pid is not None and shim_start is not None:
-            refs.append(ProcessRef(int(shim_pid), int(shim_start)))
-        return tuple(refs)
+    def _processes(self, replica: Replica) -> tuple[ProcessRef, ...]:
+        """The container's init and the shim: the replica runs while either does."""
+        record = RuncRecord.of(replica)
+        refs = super()._processes(replica)
+        if record.shim_pid is not None and record.shim_start_time is not None:
+            shim = ProcessRef(record.shim_pid, record.shim_start_time)
+            refs += () if shim in refs else (shim,)
+        return refs
 
-    def _running(self, replica: Replica) -> bool:
-        alive = False
-        for pref in self._refs(replica):
-            pref.reap()
-            alive = alive or pref.alive()
-        return alive
-
-    def inspect(self, ref: str) -> ReplicaStatus:
-        """Running, or how it ended: the exit status runc reported, or crashed if there is none."""
-        return self._status(self.get(ref))
-
-    def _status(self, replica: Replica, how: str = "") -> ReplicaStatus:
-        if replica.started_at is None:
-            return ReplicaStatus(ReplicaState.CREATED)
-        if self._running(replica):
-            return ReplicaStatus(ReplicaState.RUNNING)
-        exit_file = replica.dir / EXIT_FILE
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            return ReplicaStatus.from_json(json.loads(exit_file.read_text()))
+    def _how_it_ended(self, replica: Replica) -> ReplicaStatus:
+        """The exit status runc reported (the shim wrote it), or crashed if there is none."""
         try:
             code = int((replica.dir / EXIT_CODE).read_text().strip())
         except (OSError, ValueError):
-            code = None
-        if code is None:
-            result = ReplicaStatus(ReplicaState.CRASHED, None, how or "runc went away without an exit status",
-                                   utcnow())
-        else:
-            if how:
-                detail = how
-            elif code > 128 and code - 128 < signal.NSIG:
-                detail = f"killed by {signal.Signals(code - 128).name}"
-            else:
-                detail = f"exited with status {code}"
-            result = ReplicaStatus(ReplicaState.EXITED, code, detail, utcnow())
-        self._delete_container(replica)
-        self._release(replica)
-        tmp = exit_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_json()) + "\n")
-        os.replace(tmp, exit_file)
-        return result
-
-    def wait(self, ref: str, timeout: float | None = None) -> ReplicaStatus:
-        """Block until the replica is no longer running (or ``timeout`` passes)."""
-        replica = self.get(ref)
-        if not self._wait_gone(replica, timeout):
-            return ReplicaStatus(ReplicaState.RUNNING)
-        return self._status(replica)
-
-    def _wait_gone(self, replica: Replica, seconds: float | None) -> bool:
-        deadline = None if seconds is None else time.monotonic() + seconds
-        while self._running(replica):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
+            return ReplicaStatus(ReplicaState.CRASHED, None, "runc went away without an exit status")
+        if code > 128 and code - 128 < signal.NSIG:
+            return ReplicaStatus(ReplicaState.EXITED, code, f"killed by {signal.Signals(code - 128).name}")
+        return ReplicaStatus(ReplicaState.EXITED, code, f"exited with status {code}")
 
     # -- stopping and cleaning up ------------------------------------------
 
+    def _runc_root(self, record: RuncRecord) -> Path:
+        return Path(record.runc_root) if record.runc_root else self.runc_root
+
     def _runc_cmd(self, replica: Replica, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([_runc(), "--root", str(replica.extra.get("runc_root", self.runc_root)), *args],
+        return subprocess.run([_runc(), "--root", str(self._runc_root(RuncRecord.of(replica))), *args],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
-    def _kill(self, replica: Replica, sig: str) -> None:
-        self._runc_cmd(replica, "kill", str(replica.extra["container_id"]), sig)
+    def _ask_to_stop(self, replica: Replica, deadline: float) -> None:
+        self._runc_cmd(replica, "kill", RuncRecord.of(replica).container_id, "TERM")
 
-    def stop(self, ref: str, timeout: float = 10.0) -> ReplicaStatus:
-        """SIGTERM to the container's init, wait ``timeout`` seconds, then SIGKILL."""
-        replica = self.get(ref)
-        if not self._running(replica):
-            return self._status(replica)
-        if timeout > 0:
-            self._kill(replica, "TERM")
-            if self._wait_gone(replica, timeout):
-                return self._status(replica)
-        self._kill(replica, "KILL")
-        if not self._wait_gone(replica, 5.0):
-            for pref in self._refs(replica):  # runc could not: the processes themselves
-                pref.signal(signal.SIGKILL)
-            self._wait_gone(replica, 5.0)
-        how = "killed" if timeout <= 0 else f"did not stop within {timeout:g} s; killed"
-        return self._status(replica, how)
-
-    def _delete_container(self, replica: Replica) -> None:
-        container_id = str(replica.extra["container_id"])
-        self._runc_cmd(replica, "delete", "--force", container_id)
-        cgroups.remove(str(replica.extra["cgroup"]))
-        with contextlib.suppress(OSError):
-            Path(str(replica.extra.get("runc_root", self.runc_root))).rmdir()  # only once empty
+    def _force_stop(self, replica: Replica) -> str | None:
+        self._runc_cmd(replica, "kill", RuncRecord.of(replica).container_id, "KILL")
+        return "killed"
 
     def _release(self, replica: Replica) -> None:
+        """The container's runc state and cgroup, and its network namespace, veth and port rules."""
+        record = RuncRecord.of(replica)
+        self._runc_cmd(replica, "delete", "--force", record.container_id)
+        cgroups.remove(record.cgroup)
+        with contextlib.suppress(OSError):
+            self._runc_root(record).rmdir()  # only once empty
         network.detach(self.root.parent, replica.id)
-
-    def remove(self, ref: str, force: bool = False) -> Replica:
-        """Delete the replica and everything it had on the host; a running one needs ``force``."""
-        replica = self.get(ref)
-        if self._running(replica):
-            if not force:
-                raise RuntimeDriverError(f"replica {replica.name} is running; stop it first "
-                                         f"('uniframe stop {replica.name}') or use rm -f")
-            self.stop(replica.id, timeout=0)
-        self._delete_container(replica)
-        self._release(replica)
-        shutil.rmtree(replica.dir, ignore_errors=True)
-        return replica
 
     def leftovers(self, replica: Replica) -> builtins.list[str]:
         """What of ``replica`` still exists on the host: processes, cgroups, namespace, veth, files."""
-        found = [f"process {p.pid}" for p in self._refs(replica) if p.alive()]
-        found += [f"cgroup {d}" for d in cgroups.directories(str(replica.extra["cgroup"]))]
+        record = RuncRecord.of(replica)
+        found = [f"process {p.pid}" for p in self._processes(replica) if p.alive()]
+        found += [f"cgroup {d}" for d in cgroups.directories(record.cgroup)]
         found += network.leftovers(replica.id)
-        if (Path(str(replica.extra.get("runc_root", self.runc_root))) / str(replica.extra["container_id"])).exists():
-            found.append(f"runc state {replica.extra['container_id']}")
+        if (self._runc_root(record) / record.container_id).exists():
+            found.append(f"runc state {record.container_id}")
         if replica.dir.exists():
             found.append(f"directory {replica.dir}")
         return found
-
-    # -- output --------------------------------------------------------------
-
-    def logs(self, ref: str, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
-        """The container's output from ``offset``; with ``follow``, until the replica stops."""
-        replica = self.get(ref)
-        path = replica.dir / LOG_FILE
-        yield from self._read_log(path, offset, follow, lambda: self._running(replica))
-
