@@ -57,3 +57,19 @@ def uniframe(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[
     """The real CLI in a fresh process (so state must come from disk)."""
     return subprocess.run([sys.executable, "-m", "uniframe.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout, env=os.environ.copy())
+
+
+def host_traces(replica_id: str) -> list[str]:
+    """Everything on the host that still carries the replica's id: mounts, network links,
+    network namespaces, cgroups (what a removed replica must not leave behind)."""
+    short = replica_id[:10]
+    found = []
+    mounts = Path("/proc/self/mounts").read_text()
+    found += [f"mount {line.split()[1]}" for line in mounts.splitlines() if short in line]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if short in line]
+    netns = Path("/run/netns")
+    if netns.is_dir():
+        found += [f"netns {p.name}" for p in netns.iterdir() if short in p.name]
+    found += [f"cgroup {cg}" for cg in Path("/sys/fs/cgroup").rglob(f"*{short}*")]
+    return found

@@ -103,7 +103,9 @@ class DriverEntry:
         """Refuse ``doing`` with a clear error unless this driver has ``capability``."""
         if self.can(capability):
             return
-        others = [e.kind for e in (registry or REGISTRY).entries() if e.can(capability)]
+        # only drivers a spec can choose (the fake serves no runtime name)
+        others = [e.kind for e in (registry or REGISTRY).entries()
+                  if e.can(capability) and e.runtimes]
         raise RuntimeDriverError(
             f"{doing}: the {self.kind} driver cannot {capability.meaning} (it lacks the "
             f"'{capability.value}' capability); "
@@ -197,6 +199,18 @@ ENTRIES: tuple[DriverEntry, ...] = (
             Capability.GRACEFUL_STOP, Capability.LIVE_LOGS, Capability.HOST_NETWORK}),
         factory="uniframe.runtime.local:ProcessDriver", probe=_process_usable,
         summary="a host process: the server from this host's Python (the baseline)"),
+    DriverEntry(
+        # Serves no spec runtime, so nothing picks it by itself: tests hand the reconciler a
+        # Registry in which it serves one (see docs/drivers.md). Listed here so replicas it
+        # recorded are found like any other's, and as the worked example of adding a driver.
+        kind="fake", runtimes=(), image_kinds=(),
+        capabilities=frozenset({
+            Capability.UNPRIVILEGED, Capability.PORT_PUBLISHING, Capability.EXIT_STATUS,
+            Capability.GRACEFUL_STOP, Capability.LIVE_LOGS, Capability.SNAPSHOT,
+            Capability.HOST_NETWORK}),
+        factory="uniframe.runtime.fake:FakeDriver",
+        probe=lambda: (True, "in memory: replicas simulated in the process that runs it"),
+        summary="replicas simulated in this process, for tests of the control plane"),
 )
 
 
