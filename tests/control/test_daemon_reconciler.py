@@ -1,12 +1,18 @@
-"""The reconciler alone, in this process, against real model-server processes.
+"""The reconciler alone, in this process, driving the in-memory fake driver.
 
-Each claim is checked on what really runs (PIDs, HTTP answers), not only on
-what the reconciler wrote in the store.
+The subject here is control logic (restarts, back-off, liveness, crash loops,
+builds beside passes, endpoints), so replicas are the fake's simulated ones
+(``fake_runtime.py``): they answer OIP on their published ports like a model
+server, and a test crashes or hangs one directly instead of signalling a
+process. Each claim is still checked on what answers (HTTP through the
+replica's port and the real endpoint process) and on the driver's own view,
+not only on what the reconciler wrote in the store. The same scenarios against
+real processes, containers and VMs are ``test_daemon_runtimes.py``,
+``test_rollouts.py`` and ``test_daemon.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_runtime import fake_driver, fake_registry
 
 from uniframe.build.examples import write_iris
-from uniframe.build.store import ImageStore
+from uniframe.build.store import ImageStore, load_image_dir
+from uniframe.control import reconciler as reconciler_module
 from uniframe.control import rollouts
 from uniframe.control.reconciler import READY, Reconciler, backoff
 from uniframe.control.states import COMPLETE, FAILED
 from uniframe.control.store import ObjectRecord, ReplicaRecord, Store
-from uniframe.runtime.registry import driver_for
+from uniframe.runtime.fake import Behavior, FakeDriver
+from uniframe.runtime.replica import Replica, ReplicaState
 from uniframe.spec import load_data
 
 IRIS_ROW = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32",
@@ -57,9 +66,13 @@ def infer(port: int) -> dict[str, object]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Store, Reconciler, Path]]:
+def setup(tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Store, Reconciler, Path]]:
+    # Restart back-offs of 0.25, 0.5, 1 s...: the same doubling, at a quarter of the wait.
+    monkeypatch.setattr(reconciler_module, "BACKOFF_BASE", 0.25)
     store = Store.open(tmp_path / "state.db")
-    rec = Reconciler(store, state_root=tmp_path / "st", build_store=ImageStore(tmp_path / "img"))
+    rec = Reconciler(store, state_root=tmp_path / "st", build_store=ImageStore(tmp_path / "img"),
+                     registry=fake_registry())
     model = write_iris(tmp_path / "model")
     try:
         yield store, rec, model
@@ -68,7 +81,13 @@ def setup(tmp_path: Path) -> Iterator[tuple[Store, Reconciler, Path]]:
             if tx.get_object("InferenceService", "iris") is not None:
                 tx.delete_object("InferenceService", "iris")
         rec.reconcile_once()
+        rec.close()
         store.close()
+
+
+def starts(driver: FakeDriver, replica_id: str) -> int:
+    """How often the replica was started (each start is one line of its log)."""
+    return b"".join(driver.logs(replica_id)).count(b" starting\n")
 
 
 def until(rec: Reconciler, store: Store, check: Callable[[list[ReplicaRecord]], bool],
@@ -81,7 +100,7 @@ def until(rec: Reconciler, store: Store, check: Callable[[list[ReplicaRecord]], 
         if check(replicas):
             return replicas
         assert time.monotonic() < deadline, f"not reached in {timeout} s: {replicas}"
-        time.sleep(0.3)
+        time.sleep(0.05)  # a pass over fake replicas costs next to nothing
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
@@ -103,16 +122,14 @@ def test_replicas_start_answer_restart_scale_and_go(
         assert r.host_port is not None
         assert "outputs" in infer(r.host_port)
 
-    # kill -9 one replica's server: it comes back on the same port, counted
-    driver = driver_for("process", tmp_path / "st" / "replicas")
+    # kill -9 one replica: it comes back on the same port, counted
+    driver = fake_driver(tmp_path / "st")
     victim = replicas[0]
-    pid = driver.get(victim.id).pid
-    assert pid is not None
-    os.killpg(pid, signal.SIGKILL)
+    driver.crash(victim.id)
     replicas = until(rec, store, lambda rs: any(r.id == victim.id and r.restarts == 1
                                                 and r.state == READY for r in rs))
     assert len(replicas) == 2
-    assert driver.get(victim.id).pid != pid
+    assert starts(driver, victim.id) == 2
     assert victim.host_port is not None and "outputs" in infer(victim.host_port)
     with store.tx(readonly=True) as tx:
         reasons = [e.reason for e in tx.events(replica_id=victim.id)]
@@ -120,9 +137,7 @@ def test_replicas_start_answer_restart_scale_and_go(
 
     # two more quick deaths: the third in a row is a crash loop, retried at longer back-off
     for n in (2, 3):
-        pid = driver.get(victim.id).pid
-        assert pid is not None
-        os.killpg(pid, signal.SIGKILL)
+        driver.crash(victim.id)
         until(rec, store, lambda rs, n=n: any(r.id == victim.id and r.restarts == n
                                               and r.state == READY for r in rs))
     with store.tx(readonly=True) as tx:
@@ -159,27 +174,25 @@ def test_replicas_start_answer_restart_scale_and_go(
 
 
 def test_a_hung_replica_fails_its_liveness_checks_and_is_restarted(
-        setup: tuple[Store, Reconciler, Path], tmp_path: Path) -> None:
+        setup: tuple[Store, Reconciler, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reconciler_module, "HUNG_STOP_TIMEOUT", 0.5)  # a hung replica is forced
     store, rec, model = setup
     doc = iris_doc(model, 1)
     doc["spec"]["healthCheck"] = {"periodSeconds": 0.5, "timeoutSeconds": 0.5,  # type: ignore[index]
                                   "failureThreshold": 2}
     apply(store, doc)
     (replica,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
-    driver = driver_for("process", tmp_path / "st" / "replicas")
-    pid = driver.get(replica.id).pid
-    assert pid is not None
-    os.killpg(pid, signal.SIGSTOP)  # alive to the driver, deaf to HTTP
+    driver = fake_driver(tmp_path / "st")
+    driver.hang(replica.id)  # alive to the driver, deaf to HTTP, as after SIGSTOP
     try:
         (after,) = until(rec, store, lambda rs: rs[0].restarts == 1 and rs[0].state == READY)
     except AssertionError:
         with store.tx(readonly=True) as tx:
             print("\n".join(f"{e.time:.2f} {e.reason}: {e.message}" for e in tx.events()))
         raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGCONT)
-    assert driver.get(replica.id).pid != pid
+    assert starts(driver, replica.id) == 2
+    assert b"killed" in b"".join(driver.logs(replica.id))  # the hung run had to be forced
     assert after.host_port is not None and "outputs" in infer(after.host_port)
     with store.tx(readonly=True) as tx:
         events = tx.events(replica_id=replica.id)
@@ -237,11 +250,20 @@ def until_true(check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.02)
 
 
+def _dies_if_broken(replica: Replica) -> Behavior:
+    """A replica whose image carries ``BROKEN`` in its environment dies right after it starts
+    (as a server whose Python cannot start does); any other behaves."""
+    assert replica.config.image.path is not None
+    env = load_image_dir(replica.config.image.path).manifest.get("env", {})
+    return Behavior(crash_after=0.05) if "BROKEN" in env else Behavior()
+
+
 def test_a_first_deployment_that_cannot_start_fails_visibly_and_recovers_when_fixed(
-        setup: tuple[Store, Reconciler, Path]) -> None:
+        setup: tuple[Store, Reconciler, Path], tmp_path: Path) -> None:
     store, rec, model = setup
+    fake_driver(tmp_path / "st", _dies_if_broken)
     doc = iris_doc(model, 1)
-    doc["spec"]["env"] = {"PYTHONHOME": "/nonexistent"}  # type: ignore[index]
+    doc["spec"]["env"] = {"BROKEN": "1"}  # type: ignore[index]
     apply(store, doc)
     until(rec, store, lambda rs: rollouts.status(store, "InferenceService", "iris").state == FAILED)
     status = rollouts.status(store, "InferenceService", "iris")
@@ -275,8 +297,6 @@ def test_running_replicas_are_tended_while_the_next_revision_builds(
         setup: tuple[Store, Reconciler, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A build runs beside the passes: a replica killed meanwhile is restarted before it ends."""
-    from uniframe.control import reconciler as reconciler_module
-
     store, rec, model = setup
     first = apply(store, iris_doc(model, 1))
     (old,) = until(rec, store, lambda rs: len(rs) == 1 and rs[0].state == READY)
@@ -293,10 +313,9 @@ def test_running_replicas_are_tended_while_the_next_revision_builds(
     with store.tx() as tx:
         tx.apply_object("InferenceService", "iris", second)
     rec.reconcile_once()  # starts the build, which now waits
-    driver = driver_for("process", tmp_path / "st" / "replicas")
-    pid = driver.get(old.id).pid
-    assert pid is not None
-    os.killpg(pid, signal.SIGKILL)
+    driver = fake_driver(tmp_path / "st")
+    driver.crash(old.id)
+    assert driver.inspect(old.id).state is ReplicaState.CRASHED
     until(rec, store, lambda rs: len(rs) == 1 and rs[0].id == old.id and rs[0].restarts == 1
           and rs[0].state == READY)
     assert not release.is_set()  # restarted while the build was still under way

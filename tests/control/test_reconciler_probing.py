@@ -3,6 +3,8 @@
 Two services that differ only in name must not share an image, and a replica
 that serves another model must never read ready; ``last_pass_seconds`` is
 the duration of a whole pass over every object, not of one object's part.
+Replicas are the in-memory fake's (``fake_runtime.py``): the subject is what
+the reconciler decides, and the fake answers for the model its image names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_runtime import fake_registry
 
 from uniframe.build.examples import write_iris
 from uniframe.build.store import ImageStore
@@ -55,7 +58,8 @@ def infer(port: int, model: str) -> dict[str, Any]:
 @pytest.fixture
 def reconciler(tmp_path: Path) -> Iterator[tuple[Store, Reconciler]]:
     store = Store.open(tmp_path / "state.db")
-    rec = Reconciler(store, state_root=tmp_path / "st", build_store=ImageStore(tmp_path / "img"))
+    rec = Reconciler(store, state_root=tmp_path / "st", build_store=ImageStore(tmp_path / "img"),
+                     registry=fake_registry())
     try:
         yield store, rec
     finally:
