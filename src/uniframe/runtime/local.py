@@ -25,8 +25,9 @@ from pathlib import Path
 
 from uniframe.build.store import load_image_dir
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver
-from uniframe.runtime.process import wait_group_gone
+from uniframe.runtime.process import ProcessRef, wait_group_gone
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
 
 LOG = "output.log"
@@ -88,11 +89,21 @@ class ProcessDriver(Driver):
         env = {**os.environ, "UNIFRAME_EXIT_FILE": str(replica.dir / EXIT), "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                **self._image_env(replica), **dict(replica.config.env)}
-        with (replica.dir / LOG).open("ab") as out:
-            proc = subprocess.Popen(["sh", "-c", _SHIM, "uniframe-process", *argv], cwd=replica.dir,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
+        hostnet.claim_ports(self.root.parent, replica, replica.config.ports)  # the port it listens on
+        try:
+            with (replica.dir / LOG).open("ab") as out:
+                proc = subprocess.Popen(["sh", "-c", _SHIM, "uniframe-process", *argv], cwd=replica.dir,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+        except BaseException:
+            hostnet.release(self.root.parent, replica.id)
+            raise
         return replica.with_(argv=tuple(argv)), proc
+
+    def _until_started(self, replica: Replica, proc: subprocess.Popen[bytes]) -> ProcessRef | None:
+        """The port claim now lives as long as the shim (and so the server) does."""
+        hostnet.bind(self.root.parent, replica.id, *self._processes(replica))
+        return None
 
     def _ask_to_stop(self, replica: Replica, deadline: float) -> None:
         """SIGTERM to the shim, which hands it to the server."""
@@ -117,3 +128,4 @@ class ProcessDriver(Driver):
         """Wait for the server too, not only the shim: it holds the published port."""
         if replica.pid is not None:
             wait_group_gone(replica.pid, 5)
+        hostnet.release(self.root.parent, replica.id)

@@ -39,6 +39,7 @@ from pathlib import Path
 from uniframe.build.oci import opened_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import (
@@ -253,9 +254,12 @@ class RuncDriver(Driver):
         """The container's init, once runc wrote its pid: the process the replica's life is."""
         pid = self._wait_started(replica, proc)
         try:
-            return ProcessRef.of(pid)
+            container = ProcessRef.of(pid)
         except ProcessLookupError:
-            return ProcessRef(pid, -1)  # it ended already: how is read from the exit code
+            container = ProcessRef(pid, -1)  # it ended already: how is read from the exit code
+        # its published ports stay claimed while the container or its shim lives
+        hostnet.bind(self.root.parent, replica.id, container, *self._processes(replica))
+        return container
 
     def start(self, ref: str) -> Replica:
         """Run the container detached and return once its init process runs (limits checked)."""
