@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from uniframe.errors import RuntimeDriverError
 from uniframe.paths import state_dir
@@ -41,6 +41,16 @@ REPLICA_FILE = "replica.json"
 STATUS_FILE = "exit.json"   # how the replica's last run ended, written once by whoever saw it end
 FORCE_WAIT_S = 5.0          # how long each forced step of a stop is given
 UNIX_PATH_MAX = 107
+
+
+def log_tail(path: Path, lines: int = 5, skip: str = "") -> str:
+    """The last ``lines`` lines of a log (for error messages), leaving out lines starting ``skip``."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in text.strip().splitlines()[-lines:]
+                     if not (skip and line.startswith(skip)))
 
 
 class ReplicaNotFoundError(RuntimeDriverError):
@@ -122,6 +132,15 @@ class Driver(abc.ABC):
         directory.mkdir(parents=True)
         clean = re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:40] or self.kind
         return replica_id, name or f"{clean}-{replica_id[:4]}", directory
+
+    def _record_new(self, replica_id: str, directory: Path, config: ReplicaConfig,
+                    extra: dict[str, Any] | None = None) -> Replica:
+        """Save and return the record of a replica made by :meth:`_allocate` (named by ``config``)."""
+        assert config.name, "a new replica's config carries the name _allocate chose"
+        replica = Replica(id=replica_id, name=config.name, dir=directory, config=config,
+                          created_at=utcnow(), driver=self.kind, extra=dict(extra or {}))
+        self._save(replica)
+        return replica
 
     def list(self) -> list[Replica]:
         """This driver's replicas recorded on disk, oldest first."""
@@ -219,8 +238,9 @@ class Driver(abc.ABC):
         try:
             tracked = self._until_started(replica, proc)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:  # (once reaped, its pid could name another group)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             self._end(replica)
             raise

@@ -28,7 +28,7 @@ from uniframe.errors import RuntimeDriverError
 from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver
 from uniframe.runtime.process import ProcessRef, wait_group_gone
-from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
+from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 
 LOG = "output.log"
 EXIT = "exitcode"
@@ -59,10 +59,7 @@ class ProcessDriver(Driver):
         if len(config.ports) > 1:
             raise RuntimeDriverError("a process replica serves one port; publish one -p HOST:GUEST")
         replica_id, name, directory = self._allocate(config.name, Path(config.image.ref.split(":")[0]).name)
-        replica = Replica(id=replica_id, name=name, dir=directory, config=replace(config, name=name),
-                          created_at=utcnow(), driver=self.kind)
-        self._save(replica)
-        return replica
+        return self._record_new(replica_id, directory, replace(config, name=name))
 
     def _argv(self, replica: Replica) -> builtins.list[str]:
         assert replica.config.image.path is not None

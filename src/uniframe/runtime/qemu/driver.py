@@ -27,11 +27,11 @@ import re
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.driver import REPLICA_FILE, STATUS_FILE, Driver
-from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.driver import REPLICA_FILE, STATUS_FILE
 from uniframe.runtime.qemu import network as network
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
@@ -43,16 +43,15 @@ from uniframe.runtime.qemu.microvm import (
     USER_NET_GUEST_IP,
     USER_NET_IP_ARG,
     MicroVM,
+    QemuDriver,
     QemuRecord,
     console_chardev,
     kernel_cmdline,
     launch_detached,
-    log_tail,
-    quit_qemu,
+    qemu_log_tail,
     user_netdev,
-    wait_for_qmp,
 )
-from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
+from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 
 __all__ = ["CONSOLE_LOG", "EXIT_FILE", "QMP_SOCK", "REPLICA_FILE", "QemuMicroVMDriver"]
 
@@ -61,12 +60,11 @@ EXIT_LINE = re.compile(rb"UNIFRAME-EXIT status=(-?\d+)")
 SHUTDOWN_LINE = b"uniframe:shutdown\n"
 
 
-class QemuMicroVMDriver(Driver):
+class QemuMicroVMDriver(QemuDriver):
     """Create, start, stop, inspect and remove microVM replicas on this host."""
 
     noun = "microVM replica"
     kind = "qemu-microvm"
-    log_file = CONSOLE_LOG
     stop_verb = "shut down"
 
     def create(self, config: ReplicaConfig) -> Replica:
@@ -81,13 +79,7 @@ class QemuMicroVMDriver(Driver):
                 raise RuntimeDriverError(f"image {config.image.ref}: {path} is missing; rebuild the image")
         replica_id, name, directory = self._allocate(config.name, Path(config.image.ref.split(":")[0]).name,
                                                      longest=CONSOLE_SOCK)
-        replica = Replica(id=replica_id, name=name, dir=directory, config=config,
-                          created_at=utcnow(), driver=self.kind)
-        self._save(replica)
-        return replica
-
-    def accelerator(self, replica: Replica) -> str | None:
-        return QemuRecord.of(replica).accel
+        return self._record_new(replica_id, directory, replace(config, name=name))
 
     def _launch(self, replica: Replica) -> tuple[Replica, subprocess.Popen[bytes]]:
         """QEMU with the replica's kernel and root, its network attached first."""
@@ -123,21 +115,12 @@ class QemuMicroVMDriver(Driver):
         attachment = network.attach(self.root.parent, replica)
         return attachment.guest_ip, attachment.tap, attachment.netdev, attachment.ip_arg
 
-    def _until_started(self, replica: Replica, proc: subprocess.Popen[bytes]) -> ProcessRef | None:
-        wait_for_qmp(replica.dir, proc, replica.name)
-        return None
-
     def _how_it_ended(self, replica: Replica) -> ReplicaStatus:
         """The status the guest printed on its console for this run, or crashed if it printed none."""
-        try:
-            with (replica.dir / CONSOLE_LOG).open("rb") as fh:
-                fh.seek(replica.log_offset)
-                matches = EXIT_LINE.findall(fh.read())
-        except OSError:
-            matches = []
+        matches = EXIT_LINE.findall(self._console(replica))
         if matches:
             return ReplicaStatus(ReplicaState.EXITED, int(matches[-1]), "the guest exited")
-        tail = log_tail(replica.dir / QEMU_LOG, 2)
+        tail = qemu_log_tail(replica.dir / QEMU_LOG, 2)
         return ReplicaStatus(ReplicaState.CRASHED, None,
                              "the VM stopped without an exit status from the guest"
                              + (f": {tail}" if tail else ""))
@@ -169,9 +152,6 @@ class QemuMicroVMDriver(Driver):
         """The shutdown line on the console: the guest init stops the app and reports its status."""
         with contextlib.suppress(OSError):  # no console to type on: the stop escalates
             self._type_on_console(replica, SHUTDOWN_LINE, deadline)
-
-    def _force_stop(self, replica: Replica) -> str | None:
-        return quit_qemu(replica.dir)
 
     def _release(self, replica: Replica) -> None:
         """A bridged replica's tap, address and port claims."""

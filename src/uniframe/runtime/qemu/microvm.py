@@ -2,8 +2,9 @@
 
 Both QEMU drivers (microVM here, full VM in :mod:`uniframe.runtime.vm`) launch
 QEMU detached with its serial console logged and a QMP socket, wait for QMP
-to answer, and force a stuck guest down with QMP ``quit``; those pieces, and
-the record of what a run chose (:class:`QemuRecord`), are at the end of this module.
+to answer, and force a stuck guest down with QMP ``quit``; those pieces
+(:class:`QemuDriver`), and the record of what a run chose (:class:`QemuRecord`),
+are at the end of this module.
 
 Why these options (measured on the 2-core TCG host, see tests/runtime and the
 DESIGN notes):
@@ -60,10 +61,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from uniframe.errors import RuntimeDriverError
 from uniframe.guest.cmdline import KERNEL_ARGS
+from uniframe.runtime.driver import Driver, log_tail
 from uniframe.runtime.ports import PortInUseError
+from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu.qmp import Qmp, QmpError
 from uniframe.runtime.qemu.tsc import host_tsc_khz
 from uniframe.runtime.replica import Replica
@@ -235,41 +239,53 @@ class QemuRecord:
                                     "guest_ip": self.guest_ip, "tap": self.tap})
 
 
-def log_tail(path: Path, lines: int = 5) -> str:
-    """The last lines of a log, without the ``+ argv`` lines :func:`launch_detached` writes."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(line for line in text.strip().splitlines()[-lines:] if not line.startswith("+ "))
+def qemu_log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of QEMU's log, without the ``+ argv`` line :func:`launch_detached` writes."""
+    return log_tail(path, lines, skip="+ ")
 
 
-def wait_for_qmp(directory: Path, proc: subprocess.Popen[bytes], name: str) -> None:
-    """Return once the QEMU launched for replica ``name`` answers QMP; raise if it exits first.
+class QemuDriver(Driver):
+    """What both QEMU drivers share: the serial console is the log, a launch has taken
+    once QMP answers, QMP ``quit`` is the forced stop, and the run's record says the
+    accelerator."""
 
-    A host port QEMU could not forward is a :class:`PortInUseError` naming the rule.
-    """
-    deadline = time.monotonic() + START_TIMEOUT_S
-    qmp = Qmp(directory / QMP_SOCK, timeout=2.0)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = log_tail(directory / QEMU_LOG)
-            forward = re.search(r"host forwarding rule '([^']*)'", log)
-            if forward:
-                raise PortInUseError(f"QEMU could not publish {forward.group(1)} (port taken?): {log}")
-            raise RuntimeDriverError(f"QEMU exited with status {proc.returncode} while starting "
-                                     f"{name}:\n{log}\n(full log: {directory / QEMU_LOG})")
-        if (directory / QMP_SOCK).exists():
-            with contextlib.suppress(QmpError):
-                qmp.status()
-                return
-        time.sleep(0.05)
-    raise RuntimeDriverError(f"QEMU for {name} did not answer QMP within {START_TIMEOUT_S:.0f} s; "
-                             f"see {directory / QEMU_LOG}")
+    log_file: ClassVar[str] = CONSOLE_LOG
 
+    def accelerator(self, replica: Replica) -> str | None:
+        return QemuRecord.of(replica).accel
 
-def quit_qemu(directory: Path) -> str:
-    """QMP ``quit``: QEMU ends at once, whatever the guest is doing; how that reads in a status."""
-    with contextlib.suppress(QmpError):
-        Qmp(directory / QMP_SOCK, timeout=2.0).quit()
-    return "stopped with QMP quit"
+    def _until_started(self, replica: Replica, proc: subprocess.Popen[bytes]) -> ProcessRef | None:
+        """Once QEMU answers QMP; a host port it could not forward is a PortInUseError."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        qmp = Qmp(replica.dir / QMP_SOCK, timeout=2.0)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log = qemu_log_tail(replica.dir / QEMU_LOG)
+                forward = re.search(r"host forwarding rule '([^']*)'", log)
+                if forward:
+                    raise PortInUseError(f"QEMU could not publish {forward.group(1)} (port taken?): {log}")
+                raise RuntimeDriverError(f"QEMU exited with status {proc.returncode} while starting "
+                                         f"{replica.name}:\n{log}\n(full log: {replica.dir / QEMU_LOG})")
+            if (replica.dir / QMP_SOCK).exists():
+                with contextlib.suppress(QmpError):
+                    qmp.status()
+                    return None
+            time.sleep(0.05)
+        raise RuntimeDriverError(f"QEMU for {replica.name} did not answer QMP within "
+                                 f"{START_TIMEOUT_S:.0f} s; see {replica.dir / QEMU_LOG}")
+
+    def _force_stop(self, replica: Replica) -> str | None:
+        """QMP ``quit``: QEMU ends at once, whatever the guest is doing."""
+        with contextlib.suppress(QmpError):
+            Qmp(replica.dir / QMP_SOCK, timeout=2.0).quit()
+        return "stopped with QMP quit"
+
+    @staticmethod
+    def _console(replica: Replica) -> bytes:
+        """What the guest said on its console during its last run."""
+        try:
+            with (replica.dir / CONSOLE_LOG).open("rb") as fh:
+                fh.seek(replica.log_offset)
+                return fh.read()
+        except OSError:
+            return b""

@@ -35,12 +35,13 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from uniframe.build.oci import opened_layout, read_layout
 from uniframe.build.store import ImageStore
 from uniframe.errors import ImageError, RuntimeDriverError
 from uniframe.runtime import hostnet
-from uniframe.runtime.driver import Driver
+from uniframe.runtime.driver import Driver, log_tail
 from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import (
     ImageRef,
@@ -48,7 +49,6 @@ from uniframe.runtime.replica import (
     ReplicaConfig,
     ReplicaState,
     ReplicaStatus,
-    utcnow,
 )
 from uniframe.runtime.runc import cgroups, network
 from uniframe.runtime.runc.bundle import RuntimeOptions, bundle_from_layout
@@ -63,14 +63,6 @@ NETWORK_MODES = {"user": "private", "bridge": "private", "private": "private", "
 
 # $1 runc, $2 its state root, $3 bundle, $4 pid file, $5 container id, $6 exit code file
 SHIM = '"$1" --root "$2" run --bundle "$3" --pid-file "$4" "$5" </dev/null; echo $? >"$6.tmp"; mv "$6.tmp" "$6"'
-
-
-def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def _runc() -> str:
@@ -149,14 +141,16 @@ class RuncRecord:
             shim_pid=e.get("shim_pid"), shim_start_time=e.get("shim_start_time"),
             host_ip=e.get("host_ip"), container_ip=e.get("guest_ip"), host_if=e.get("tap"))
 
+    def to_extra(self) -> dict[str, Any]:
+        return {"container_id": self.container_id, "bundle": self.bundle,
+                "network_mode": self.network_mode, "cgroup": self.cgroup, "runc_root": self.runc_root,
+                "args": list(self.args), "shim_pid": self.shim_pid,
+                "shim_start_time": self.shim_start_time, "host_ip": self.host_ip,
+                "guest_ip": self.container_ip, "tap": self.host_if}
+
     def on(self, replica: Replica) -> Replica:
         """``replica`` carrying this record."""
-        return replica.with_(extra={
-            **replica.extra, "container_id": self.container_id, "bundle": self.bundle,
-            "network_mode": self.network_mode, "cgroup": self.cgroup, "runc_root": self.runc_root,
-            "args": list(self.args), "shim_pid": self.shim_pid,
-            "shim_start_time": self.shim_start_time, "host_ip": self.host_ip,
-            "guest_ip": self.container_ip, "tap": self.host_if})
+        return replica.with_(extra={**replica.extra, **self.to_extra()})
 
 
 class RuncDriver(Driver):
@@ -219,11 +213,8 @@ class RuncDriver(Driver):
             container_id=f"uf-{replica_id}", bundle=str(bundle.dir), network_mode=mode,
             cgroup=cgroups.cgroups_path(replica_id), runc_root=str(self.runc_root),
             args=tuple(json.loads(bundle.config_path.read_text())["process"]["args"]))
-        replica = record.on(Replica(
-            id=replica_id, name=name, dir=directory, config=replace(config, image=image, name=name),
-            created_at=utcnow(), driver=self.kind))
-        self._save(replica)
-        return replica
+        return self._record_new(replica_id, directory, replace(config, image=image, name=name),
+                                record.to_extra())
 
     def _launch(self, replica: Replica) -> tuple[Replica, subprocess.Popen[bytes]]:
         """The shim, which runs ``runc run`` in the foreground; attached to its network first."""
@@ -275,7 +266,7 @@ class RuncDriver(Driver):
                 return int(pid_file.read_text().strip())
             if shim.poll() is not None:
                 raise RuntimeDriverError(
-                    f"runc could not start {replica.name}:\n{_tail(replica.dir / LOG_FILE)}\n"
+                    f"runc could not start {replica.name}:\n{log_tail(replica.dir / LOG_FILE, 8)}\n"
                     f"(full log: {replica.dir / LOG_FILE})")
             time.sleep(0.02)
         raise RuntimeDriverError(f"runc did not start {replica.name} within {START_TIMEOUT_S:.0f} s; "

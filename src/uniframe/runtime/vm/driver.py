@@ -31,8 +31,6 @@ from typing import ClassVar
 
 from uniframe.build.cloudinit import make_nocloud_seed
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.driver import Driver
-from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
 from uniframe.runtime.qemu.microvm import (
@@ -40,16 +38,15 @@ from uniframe.runtime.qemu.microvm import (
     CONSOLE_SOCK,
     QEMU_LOG,
     QMP_SOCK,
+    QemuDriver,
     QemuRecord,
     console_chardev,
     launch_detached,
-    log_tail,
-    quit_qemu,
+    qemu_log_tail,
     user_netdev,
-    wait_for_qmp,
 )
 from uniframe.runtime.qemu.qmp import Qmp, QmpError
-from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
+from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 from uniframe.runtime.vm.config import VMConfig
 from uniframe.runtime.vm.disks import create_overlay, inspect_disk
 from uniframe.runtime.vm.machine import FullVM
@@ -68,11 +65,10 @@ RESTART = b"reboot: Restarting system"
 PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 
 
-class QemuVMDriver(Driver):
+class QemuVMDriver(QemuDriver):
     """Create, start, stop, inspect and remove full-VM replicas on this host."""
 
     kind: ClassVar[str] = "qemu-vm"
-    log_file: ClassVar[str] = CONSOLE_LOG
     stop_verb: ClassVar[str] = "power off"
 
     def create(self, config: VMConfig | ReplicaConfig) -> Replica:
@@ -94,18 +90,11 @@ class QemuVMDriver(Driver):
                         **vm.cloud_init.meta_data}
                 make_nocloud_seed(vm.cloud_init.user_data, meta, vm.cloud_init.network_config,
                                   directory / SEED)
-            replica = Replica(id=replica_id, name=name, dir=directory,
-                              config=replace(vm, name=name).replica_config(),
-                              created_at=utcnow(), driver=self.kind,
-                              extra={**vm.extra(), "disk_format": backing.format})
-            self._save(replica)
+            return self._record_new(replica_id, directory, replace(vm, name=name).replica_config(),
+                                    {**vm.extra(), "disk_format": backing.format})
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return replica
-
-    def accelerator(self, replica: Replica) -> str | None:
-        return QemuRecord.of(replica).accel
 
     def _launch(self, replica: Replica) -> tuple[Replica, subprocess.Popen[bytes]]:
         """QEMU on the replica's overlay (and seed), the backing disk checked again first."""
@@ -130,18 +119,9 @@ class QemuVMDriver(Driver):
         proc = launch_detached(argv, replica.dir, replica.dir / QEMU_LOG)
         return QemuRecord(accel=accel.name).on(replica.with_(argv=tuple(argv))), proc
 
-    def _until_started(self, replica: Replica, proc: subprocess.Popen[bytes]) -> ProcessRef | None:
-        wait_for_qmp(replica.dir, proc, replica.name)
-        return None
-
     def _how_it_ended(self, replica: Replica) -> ReplicaStatus:
         """How the guest went, from the end of its console (a PC has no exit status)."""
-        try:
-            with (replica.dir / CONSOLE_LOG).open("rb") as fh:
-                fh.seek(replica.log_offset)
-                said = fh.read()
-        except OSError:
-            said = b""
+        said = self._console(replica)
         if POWER_DOWN in said:
             return ReplicaStatus(ReplicaState.EXITED, 0, "the guest powered off")
         panic = PANIC.search(said)
@@ -151,7 +131,7 @@ class QemuVMDriver(Driver):
         if RESTART in said:
             return ReplicaStatus(ReplicaState.EXITED, None,
                                  "the guest rebooted (a VM exits on reboot; start it again)")
-        tail = log_tail(replica.dir / QEMU_LOG, 2)
+        tail = qemu_log_tail(replica.dir / QEMU_LOG, 2)
         return ReplicaStatus(ReplicaState.CRASHED, None,
                              "the VM stopped without powering off" + (f": {tail}" if tail else ""))
 
@@ -162,10 +142,6 @@ class QemuVMDriver(Driver):
             with contextlib.suppress(QmpError):
                 qmp.execute("system_powerdown")
             self._wait_gone(replica, min(POWER_BUTTON_EVERY_S, max(0.0, deadline - time.monotonic())))
-
-    def _force_stop(self, replica: Replica) -> str | None:
-        return quit_qemu(replica.dir)
-
 
 def _probe_kernel() -> Path:
     """A kernel for the KVM probe when the VM boots by firmware and brings none (built once, cached)."""
