@@ -154,7 +154,7 @@ def test_inference_answers_one_label_per_row_for_the_model_the_image_names(
     conn.request("POST", "/v2/models/whatever/infer", json.dumps(body))
     answer = json.loads(conn.getresponse().read())
     conn.close()
-    assert answer["model_name"] == "whatever"
+    assert (answer["model_name"], answer["model_version"]) == ("whatever", "fake")
     assert answer["outputs"][0]["data"] == [0, 0]
 
 

@@ -77,11 +77,11 @@ BehaviorSource = Behavior | Callable[[Replica], Behavior]
 class _Sim:
     """One simulated run of one replica: its state, its HTTP server, its injections."""
 
-    def __init__(self, replica: Replica, behavior: Behavior, model: str | None,
+    def __init__(self, replica: Replica, behavior: Behavior, model: tuple[str | None, str],
                  served: int = 0) -> None:
         self.replica = replica
         self.behavior = behavior
-        self.model = model
+        self.model, self.version = model
         self.served = served
         self.state = ReplicaState.RUNNING
         self.status: ReplicaStatus | None = None
@@ -102,6 +102,9 @@ class _Sim:
 
     def serves(self, model: str) -> bool:
         return self.model is None or model == self.model
+
+    def model_version(self) -> str:
+        return self.version
 
     def hold(self) -> bool:
         self.unhung.wait(60)
@@ -154,16 +157,17 @@ def _host(root: Path) -> _Host:
         return _HOSTS.setdefault(root.resolve(), _Host(Behavior(), {}, {}, threading.Lock()))
 
 
-def _served_model(image: ImageRef) -> str | None:
-    """The model the image says it serves; None (answer for any name) if it does not say."""
+def _served_model(image: ImageRef) -> tuple[str | None, str]:
+    """The model the image says it serves and its version; no name (answer for any name)
+    and version "fake" if the image does not say."""
     if image.path is None:
-        return None
+        return None, "fake"
     with contextlib.suppress(UniframeError, OSError, ValueError, KeyError, TypeError):
         m = load_image_dir(image.path).manifest
         for key in ("model", "app"):
             if isinstance(m.get(key), dict) and m[key].get("name"):
-                return str(m[key]["name"])
-    return None
+                return str(m[key]["name"]), str(m[key].get("version", "fake"))
+    return None, "fake"
 
 
 class FakeDriver(Driver):

@@ -27,6 +27,8 @@ class Answers(Protocol):
 
     def serves(self, model: str) -> bool: ...
 
+    def model_version(self) -> str: ...
+
     def hold(self) -> bool:
         """Block while the replica is hung (a stopped process does not answer); then say
         whether it is still alive to answer at all."""
@@ -38,12 +40,12 @@ class Answers(Protocol):
         """Count one inference; return how many this replica (and its snapshot) served."""
 
 
-def fake_outputs(model: str, body: dict[str, Any], count: int) -> dict[str, Any]:
+def fake_outputs(model: str, version: str, body: dict[str, Any], count: int) -> dict[str, Any]:
     """The fake's answer to an inference: a zero label per row of the first input."""
     inputs = body.get("inputs") or [{}]
     shape = inputs[0].get("shape") or [1]
     rows = int(shape[0]) if shape and isinstance(shape[0], int) and shape[0] > 0 else 1
-    return {"model_name": model, "model_version": "fake", "id": str(count),
+    return {"model_name": model, "model_version": version, "id": str(count),
             "outputs": [{"name": "label", "datatype": "INT64", "shape": [rows],
                          "data": [0] * rows}]}
 
@@ -80,7 +82,8 @@ def _handler(answers: Answers) -> type[http.server.BaseHTTPRequestHandler]:
                 known = answers.serves(parts[2])
                 self._reply(404 if not known else 200 if answers.ready() else 503)
             elif len(parts) == 3 and parts[:2] == ["v2", "models"] and answers.serves(parts[2]):
-                self._reply(200, {"name": parts[2], "versions": ["fake"], "platform": "fake"})
+                self._reply(200, {"name": parts[2], "versions": [answers.model_version()],
+                                  "platform": "fake"})
             else:
                 self._reply(404, {"error": f"no route {self.path}"})
 
@@ -104,7 +107,8 @@ def _handler(answers: Answers) -> type[http.server.BaseHTTPRequestHandler]:
             except ValueError as exc:
                 self._reply(400, {"error": f"invalid JSON: {exc}"})
                 return
-            self._reply(200, fake_outputs(parts[2], body, answers.answered()))
+            self._reply(200, fake_outputs(parts[2], answers.model_version(), body,
+                                          answers.answered()))
 
         def log_message(self, *_args: Any) -> None:
             pass  # every request is noted in the replica's own log instead
