@@ -37,6 +37,7 @@ from uniframe.build.store import Image, ImageStore
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.driver import Driver, ReplicaNotFoundError
 from uniframe.runtime.fake import FakeDriver
+from uniframe.runtime.hostnet.session import hostnet_dir
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.process import ProcessRef, group_members
 from uniframe.runtime.registry import REGISTRY, Capability
@@ -209,10 +210,12 @@ def _port_free(port: int) -> bool:
 
 
 def _nothing_left(driver: Driver, replica: Replica, port: int) -> None:
-    """Gone from the driver and from the host: process, mounts, links, netns, cgroup, files, port."""
+    """Gone from the driver and from the host: process, mounts, links, netns, cgroup, files
+    (its directory, its host network record), port."""
     with pytest.raises(ReplicaNotFoundError):
         driver.get(replica.id)
     assert not replica.dir.exists()
+    assert list(hostnet_dir(driver.root.parent).rglob(f"*{replica.id}*")) == []
     if replica.pid is not None and replica.pid_start_time is not None:
         assert not ProcessRef(replica.pid, replica.pid_start_time).alive()
         assert group_members(replica.pid) == []

@@ -20,6 +20,7 @@ import pytest
 from runtime_helpers import free_port
 
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.fake import Behavior, FakeDriver
 from uniframe.runtime.ports import PortInUseError, PortMapping
 from uniframe.runtime.registry import REGISTRY
@@ -119,11 +120,19 @@ def test_a_behavior_may_be_chosen_per_replica(fake: FakeDriver) -> None:
     assert _get(bad.config.ports[0].host_port, "/v2/health/ready") == 503
 
 
-def test_a_taken_port_is_refused_naming_it(fake: FakeDriver) -> None:
-    _, port = _started(fake)
+def test_its_ports_are_claimed_on_the_host_network_while_it_runs(fake: FakeDriver) -> None:
+    replica, port = _started(fake)
+    with hostnet.locked(fake.root.parent) as net:
+        holding = net.holding(replica.id)
+    assert holding is not None and [p.host_port for p in holding.ports] == [port]
     other = fake.create(ReplicaConfig(image=IMAGE, ports=(PortMapping(port, 8080),)))
     with pytest.raises(PortInUseError, match=str(port)):
         fake.start(other.id)
+    fake.crash(replica.id)
+    fake.reap(replica.id)  # the end seen: the claim is given back
+    with hostnet.locked(fake.root.parent) as net:
+        assert net.holding(replica.id) is None
+    fake.start(other.id)
 
 
 def test_every_driver_over_the_same_root_sees_the_same_runs(fake: FakeDriver) -> None:

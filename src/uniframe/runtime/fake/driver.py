@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import secrets
 import threading
 import time
@@ -38,9 +39,11 @@ from pathlib import Path
 
 from uniframe.build.store import load_image_dir
 from uniframe.errors import RuntimeDriverError, UniframeError
+from uniframe.runtime import hostnet
 from uniframe.runtime.driver import STATUS_FILE, Driver
 from uniframe.runtime.fake.server import ReplicaServer
 from uniframe.runtime.ports import PortInUseError, ensure_free
+from uniframe.runtime.process import ProcessRef
 from uniframe.runtime.replica import (
     ImageRef,
     Replica,
@@ -213,17 +216,15 @@ class FakeDriver(Driver):
             run = self._host.runs.get(replica.id)
             if run is not None and run.state is not ReplicaState.RUNNING:
                 del self._host.runs[replica.id]
+        if run is None or run.state is not ReplicaState.RUNNING:
+            hostnet.release(self.root.parent, replica.id)
 
     # -- the public lifecycle --------------------------------------------------------------
 
     def create(self, config: ReplicaConfig) -> Replica:
         replica_id, name, directory = self._allocate(
             config.name, config.image.ref.split(":")[0].split("/")[-1])
-        replica = Replica(id=replica_id, name=name, dir=directory,
-                          config=replace(config, name=name), created_at=utcnow(),
-                          driver=self.kind)
-        self._save(replica)
-        return replica
+        return self._record_new(replica_id, directory, replace(config, name=name))
 
     def start(self, ref: str) -> Replica:
         return self._start(self.get(ref), served=0)
@@ -246,14 +247,22 @@ class FakeDriver(Driver):
                                      f"{behavior.fail_start} (see {log})")
         ports = list(replica.config.ports)
         ensure_free(ports)
-        if behavior.start_delay:
-            time.sleep(behavior.start_delay)
+        # Its ports are as real as any replica's: claimed on the one host network, held by this
+        # process (the claims go stale with it), given back when the run is seen to end.
+        hostnet.claim_ports(self.root.parent, replica, ports)
         try:
+            hostnet.bind(self.root.parent, replica.id, ProcessRef.of(os.getpid()))
+            if behavior.start_delay:
+                time.sleep(behavior.start_delay)
             sim.server = ReplicaServer([(p.host_ip, p.host_port) for p in ports], sim)
         except OSError as exc:
+            hostnet.release(self.root.parent, replica.id)
             raise PortInUseError(f"{self.noun} {replica.name} cannot publish "
                                  f"{', '.join(str(p) for p in ports)}: {exc.strerror}; "
                                  "publish a free host port") from None
+        except BaseException:
+            hostnet.release(self.root.parent, replica.id)
+            raise
         sim.started = time.monotonic()
         replica = replica.with_(started_at=utcnow(), log_offset=offset)
         self._save(replica)
