@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.driver import REPLICA_FILE, STATUS_FILE
 from uniframe.runtime.qemu import network as network
 from uniframe.runtime.qemu.accel import choose_accel
@@ -110,6 +111,7 @@ class QemuMicroVMDriver(QemuDriver):
         """(guest IP, tap name, -netdev value, ip= kernel argument) for the replica."""
         config = replica.config
         if config.network == "user":
+            hostnet.claim_ports(self.root.parent, replica, config.ports)  # hostfwd binds them
             ports = [(p.host_ip, p.host_port, p.guest_port) for p in config.ports]
             return USER_NET_GUEST_IP, None, user_netdev(ports), USER_NET_IP_ARG
         attachment = network.attach(self.root.parent, replica)
@@ -157,3 +159,5 @@ class QemuMicroVMDriver(QemuDriver):
         """A bridged replica's tap, address and port claims."""
         if replica.config.network == "bridge":
             network.detach(self.root.parent, replica.id, QemuRecord.of(replica).tap)
+        else:
+            super()._release(replica)

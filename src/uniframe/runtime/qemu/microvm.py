@@ -65,6 +65,7 @@ from typing import ClassVar
 
 from uniframe.errors import RuntimeDriverError
 from uniframe.guest.cmdline import KERNEL_ARGS
+from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver, log_tail
 from uniframe.runtime.ports import PortInUseError
 from uniframe.runtime.process import ProcessRef
@@ -269,10 +270,16 @@ class QemuDriver(Driver):
             if (replica.dir / QMP_SOCK).exists():
                 with contextlib.suppress(QmpError):
                     qmp.status()
+                    # its published ports stay claimed as long as QEMU runs
+                    hostnet.bind(self.root.parent, replica.id, *self._processes(replica))
                     return None
             time.sleep(0.05)
         raise RuntimeDriverError(f"QEMU for {replica.name} did not answer QMP within "
                                  f"{START_TIMEOUT_S:.0f} s; see {replica.dir / QEMU_LOG}")
+
+    def _release(self, replica: Replica) -> None:
+        """The host ports QEMU's user-mode network forwarded (claimed before launch)."""
+        hostnet.release(self.root.parent, replica.id)
 
     def _force_stop(self, replica: Replica) -> str | None:
         """QMP ``quit``: QEMU ends at once, whatever the guest is doing."""

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 from uniframe.build.cloudinit import make_nocloud_seed
 from uniframe.errors import RuntimeDriverError
+from uniframe.runtime import hostnet
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
 from uniframe.runtime.qemu.microvm import (
@@ -116,7 +117,12 @@ class QemuVMDriver(QemuDriver):
             qmp_socket=replica.dir / QMP_SOCK,
         )
         argv = machine.argv()
-        proc = launch_detached(argv, replica.dir, replica.dir / QEMU_LOG)
+        hostnet.claim_ports(self.root.parent, replica, vm.ports)  # hostfwd binds them
+        try:
+            proc = launch_detached(argv, replica.dir, replica.dir / QEMU_LOG)
+        except BaseException:
+            self._release(replica)
+            raise
         return QemuRecord(accel=accel.name).on(replica.with_(argv=tuple(argv))), proc
 
     def _how_it_ended(self, replica: Replica) -> ReplicaStatus:
