@@ -1,11 +1,12 @@
-"""One host port, two drivers, real processes: a container's published port is refused to a process replica.
+"""One host port, two replicas, real processes: whoever publishes it first keeps it.
 
 A container publishes its port with nftables DNAT, which binds no socket, so
 a process replica asking for the same port would bind it happily and the two
 would fight over it (the kernel's DNAT wins on 127.0.0.1). The host network
 book (:mod:`uniframe.runtime.hostnet`) refuses the second replica, naming the
 first; once the container is removed the port is free for the process, and
-then the container is refused in turn.
+then the container is refused in turn. A process replica run without ``-p``
+still listens on its image's port, so it claims that one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from test_runc import SERVER_C, make_layout
 
 from uniframe.build.examples import write_iris
 from uniframe.build.images import build_image, image_port
-from uniframe.build.store import ImageStore
+from uniframe.build.store import Image, ImageStore
 from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver
 from uniframe.runtime.local import ProcessDriver
@@ -35,7 +36,7 @@ from uniframe.runtime.runc.driver import image_ref as oci_ref
 from uniframe.runtime.verify import image_ref
 from uniframe.spec import InferenceService, load_file
 
-pytestmark = [
+needs_runc = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="runc containers need root"),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed (apt-get install runc)"),
@@ -44,17 +45,33 @@ pytestmark = [
 SPEC = """\
 apiVersion: uniframe.dev/v1alpha1
 kind: InferenceService
-metadata: {name: iris}
+metadata: {{name: iris}}
 spec:
-  model: {uri: ./iris.onnx}
+  model: {{uri: ./iris.onnx}}
+  port: {port}
 """
+
+
+@pytest.fixture(scope="module")
+def process_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    """The iris service as a process image whose server listens on a port free when it was built."""
+    d = tmp_path_factory.mktemp("svc")
+    write_iris(d)
+    (d / "service.yaml").write_text(SPEC.format(port=free_port()))
+    (doc,) = load_file(d / "service.yaml")
+    assert isinstance(doc.spec, InferenceService)
+    return build_image(doc.spec, source_digest=doc.digest(), runtime="process",
+                       store=ImageStore(d / "images"))
 
 
 @pytest.fixture
 def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("st")
     yield root
-    for driver in (RuncDriver(root / "replicas"), ProcessDriver(root / "replicas")):
+    drivers: list[Driver] = [ProcessDriver(root / "replicas")]
+    if os.geteuid() == 0 and shutil.which("runc"):
+        drivers.append(RuncDriver(root / "replicas"))
+    for driver in drivers:
         for replica in driver.list():
             driver.remove(replica.id, force=True)
 
@@ -70,14 +87,11 @@ def wait_http(port: int, path: str = "/", timeout: float = 30.0) -> httpx.Respon
             time.sleep(0.05)
 
 
-def test_a_port_one_driver_publishes_is_refused_to_another(state: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", [pytest.param("container", marks=needs_runc)])
+def test_a_port_one_driver_publishes_is_refused_to_another(runtime: str, state: Path, tmp_path: Path,
+                                                          process_image: Image) -> None:
+    image = process_image
     layout = make_layout(tmp_path / "oci", compile_static(SERVER_C))
-    write_iris(tmp_path / "svc")
-    (tmp_path / "svc" / "service.yaml").write_text(SPEC)
-    (doc,) = load_file(tmp_path / "svc" / "service.yaml")
-    assert isinstance(doc.spec, InferenceService)
-    image = build_image(doc.spec, source_digest=doc.digest(), runtime="process",
-                        store=ImageStore(tmp_path / "images"))
     runc: Driver = RuncDriver(state / "replicas")
     process: Driver = ProcessDriver(state / "replicas")
     port = free_port()
@@ -106,3 +120,20 @@ def test_a_port_one_driver_publishes_is_refused_to_another(state: Path, tmp_path
     runc.remove(second.id)
     with hostnet.locked(state) as net:
         assert net.holdings() == []  # every claim went back with its replica
+
+
+def test_a_process_replica_claims_the_port_it_listens_on_unpublished(state: Path, process_image: Image) -> None:
+    """Without -p a process replica still takes the image's port on 127.0.0.1: a second is refused."""
+    process = ProcessDriver(state / "replicas")
+    port = image_port(process_image)
+    first = process.create(ReplicaConfig(image=image_ref(process_image), name="first"))
+    process.start(first.id)
+    assert wait_http(port, "/v2/health/ready").status_code == 200
+    second = process.create(ReplicaConfig(image=image_ref(process_image), name="second"))
+    with pytest.raises(PortInUseError, match=f"127.0.0.1:{port}/tcp is already published by replica {first.id} "
+                                             "\\(first, process\\)"):
+        process.start(second.id)
+    status = process.stop(first.id, timeout=10)
+    assert (status.state, status.exit_status) == (ReplicaState.EXITED, 0)
+    process.start(second.id)  # stopping gave the port back
+    assert wait_http(port, "/v2/health/ready").status_code == 200

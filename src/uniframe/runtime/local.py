@@ -27,6 +27,7 @@ from uniframe.build.store import load_image_dir
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime import hostnet
 from uniframe.runtime.driver import Driver
+from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.process import ProcessRef, wait_group_gone
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 
@@ -61,18 +62,23 @@ class ProcessDriver(Driver):
         replica_id, name, directory = self._allocate(config.name, Path(config.image.ref.split(":")[0]).name)
         return self._record_new(replica_id, directory, replace(config, name=name))
 
+    @staticmethod
+    def _listens_on(replica: Replica) -> PortMapping:
+        """The host address and port the server binds: the published one, else the image's own."""
+        if replica.config.ports:
+            return replica.config.ports[0]
+        assert replica.config.image.path is not None
+        port = int(load_image_dir(replica.config.image.path).manifest["port"])
+        return PortMapping(port, port)
+
     def _argv(self, replica: Replica) -> builtins.list[str]:
         assert replica.config.image.path is not None
         image = load_image_dir(replica.config.image.path)
-        m = image.manifest
-        args = list(m["args"])
-        host, port = "127.0.0.1", int(m["port"])
-        if replica.config.ports:
-            p = replica.config.ports[0]
-            host, port = p.host_ip, p.host_port
-        args[args.index("--port") + 1] = str(port)
+        args = list(image.manifest["args"])
+        listen = self._listens_on(replica)
+        args[args.index("--port") + 1] = str(listen.host_port)
         model = image.file("model")
-        return [sys.executable, "-m", "uniframe.serve", str(model), *args, "--host", host]
+        return [sys.executable, "-m", "uniframe.serve", str(model), *args, "--host", listen.host_ip]
 
     def _image_env(self, replica: Replica) -> dict[str, str]:
         """The spec's ``env``, as the build recorded it (the same variables every runtime gets)."""
@@ -86,7 +92,7 @@ class ProcessDriver(Driver):
         env = {**os.environ, "UNIFRAME_EXIT_FILE": str(replica.dir / EXIT), "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                **self._image_env(replica), **dict(replica.config.env)}
-        hostnet.claim_ports(self.root.parent, replica, replica.config.ports)  # the port it listens on
+        hostnet.claim_ports(self.root.parent, replica, [self._listens_on(replica)])  # published or not
         try:
             with (replica.dir / LOG).open("ab") as out:
                 proc = subprocess.Popen(["sh", "-c", _SHIM, "uniframe-process", *argv], cwd=replica.dir,
