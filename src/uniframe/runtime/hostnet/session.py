@@ -48,7 +48,6 @@ class HostNet:
         self._dir = hostnet_dir(state_root) / "holdings"
         self._holdings = records.load_all(self._dir)
         self._dirty: set[str] = set()  # pools whose nftables table must be rewritten
-        self.reclaimed: list[Holding] = []
         for holding in legacy.import_books(state_root):
             if holding.owner.replica_id not in self._holdings:
                 self._put(holding)
@@ -160,7 +159,6 @@ class HostNet:
             if h.ports:
                 log.info("reclaimed host ports %s of replica %s (%s): its %s", ", ".join(map(str, h.ports)),
                          h.owner.name, h.owner.replica_id, "directory is gone" if gone else "processes died")
-                self.reclaimed.append(h)
             if h.leases:
                 self._put(replace(h, ports=(), processes=()))
             else:
