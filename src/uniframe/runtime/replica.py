@@ -63,19 +63,25 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ReplicaConfig:
-    """What the caller asks for; drivers fill in the rest (id, accelerator, addresses)."""
+    """What the caller asks for, whichever driver runs it; drivers fill in the rest.
+
+    It is the request (``uniframe run``'s flags, a spec's fields), so it holds a
+    request a driver may ignore: ``accel`` only QEMU reads, ``command`` and
+    ``args`` only containers. What a driver *chose* (the accelerator the probe
+    picked, addresses, devices) is the driver's, in ``Replica.extra``.
+    """
 
     image: ImageRef
     name: str | None = None
     cpus: int = 1
     memory_mib: int = 256
     ports: tuple[PortMapping, ...] = ()
-    accel: str = "auto"        # auto | kvm | tcg
-    network: str = "user"      # user | bridge
-    # Containers only: override the image's entrypoint and/or cmd, add environment.
+    accel: str = "auto"        # auto | kvm | tcg (QEMU)
+    network: str = "user"      # user | bridge (QEMU); private | host | none (runc; user = private)
+    env: tuple[tuple[str, str], ...] = ()
+    # Containers only: override the image's entrypoint and/or cmd.
     command: tuple[str, ...] | None = None
     args: tuple[str, ...] | None = None
-    env: tuple[tuple[str, str], ...] = ()
 
 
 class ReplicaState(enum.StrEnum):
