@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,6 @@ from uniframe.runtime.replica import (
     ReplicaConfig,
     ReplicaState,
     ReplicaStatus,
-    utcnow,
 )
 from uniframe.runtime.runc.driver import RuncRecord
 
@@ -49,10 +49,7 @@ class ShellDriver(Driver):
 
     def create(self, config: ReplicaConfig) -> Replica:
         replica_id, name, directory = self._allocate(config.name, "shell")
-        replica = Replica(id=replica_id, name=name, dir=directory, config=config,
-                          created_at=utcnow(), driver=self.kind)
-        self._save(replica)
-        return replica
+        return self._record_new(replica_id, directory, replace(config, name=name))
 
     def _launch(self, replica: Replica) -> tuple[Replica, subprocess.Popen[bytes]]:
         (replica.dir / "code").unlink(missing_ok=True)
@@ -87,6 +84,7 @@ class ShellDriver(Driver):
         self.released.append(replica.id)
 
 
+WHEN = "2026-01-02T03:04:05+00:00"
 CONFIG = ReplicaConfig(image=ImageRef("shell", "", Path(), Path()))
 
 
@@ -203,8 +201,8 @@ def test_logs_follow_until_the_replica_ends(tmp_path: Path) -> None:
 
 def test_records_written_before_drivers_kept_their_own_fields_still_load(tmp_path: Path) -> None:
     """The daemon re-adopts replicas an older version started: top-level accel, guest_ip, tap."""
-    old = {"id": "abc123", "name": "web", "driver": "qemu-microvm", "created_at": utcnow(),
-           "started_at": utcnow(), "image": {"ref": "iris", "digest": "", "kernel": "/k",
+    old = {"id": "abc123", "name": "web", "driver": "qemu-microvm", "created_at": WHEN,
+           "started_at": WHEN, "image": {"ref": "iris", "digest": "", "kernel": "/k",
                                              "initrd": "/i"},
            "cpus": 1, "memory_mib": 128, "ports": [], "accel_requested": "auto",
            "network": "bridge", "accel": "tcg", "guest_ip": "10.88.0.2", "tap": "uf-abc123",
