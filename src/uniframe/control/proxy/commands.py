@@ -40,6 +40,8 @@ def apply(server: ProxyServer, command: dict[str, Any]) -> dict[str, Any]:
             b = find(server, command["id"])
             if not isinstance(command["ready"], bool):
                 raise ValueError("ready must be true or false")
+            if command["ready"] and not b.ready:
+                server.reported_ready(b)
             b.ready = command["ready"]
             server.backends_changed()
         elif op == "set_weights":
@@ -69,12 +71,18 @@ def find(server: ProxyServer, backend_id: str) -> BackendState:
 
 
 def add(server: ProxyServer, args: dict[str, Any]) -> None:
-    """Add a backend; one with the same id and address is updated in place (and undrained)."""
+    """Add a backend; one with the same id and address is updated in place (and undrained).
+
+    One that turns ready is trusted at once (:meth:`ProxyServer.reported_ready`).
+    """
     backends = server.balancer.backends
     old = backends.get(args["id"])
     if old is not None and (old.host, old.port) == (args["host"], args["port"]):
         old.group = args.get("group", old.group)
-        old.ready = args.get("ready", old.ready)
+        ready = args.get("ready", old.ready)
+        if ready and not old.ready:
+            server.reported_ready(old)
+        old.ready = ready
         old.draining = False
     else:
         b = BackendState(**args)

@@ -836,6 +836,21 @@ class ProxyServer:
         if healthy:
             self._drain_queue()
 
+    def reported_ready(self, b: BackendState) -> None:
+        """The reconciler reports ``b`` ready, having just probed it itself.
+
+        Checks that failed while the replica was still starting (connection
+        refused) must not keep it out of rotation until the next recheck: a
+        canary the rollout already calls ready would meanwhile get none of its
+        share. So it is trusted, as a new backend is, and checked again at
+        once; a failure then takes it out as usual.
+        """
+        if not b.healthy:
+            b.healthy = True
+            print(f"uniframe-proxy: {self.service}: replica {b.id} reported ready; back in rotation",
+                  file=sys.stderr)
+        b.next_check = self.now
+
     def _start_check(self, b: BackendState) -> None:
         b.checking = True
         sock = socket.socket(b.family, socket.SOCK_STREAM)
