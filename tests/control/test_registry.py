@@ -1,4 +1,4 @@
-"""The model registry on both store backends, with real ONNX files and real scikit-learn pickles."""
+"""The model registry on both store backends, with real ONNX files; pickles are refused unread."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from uniframe.build.examples import write_iris
 from uniframe.build.modelstore import ModelStore
+from uniframe.build.sklearn_onnx import convert_pickle
 from uniframe.control.registry import Registry, model_ref_of
 from uniframe.control.store import Store
 from uniframe.errors import ConflictError, ModelError, NotFoundError
@@ -28,7 +29,7 @@ IRIS_SIGNATURE = {
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real model files: the iris ONNX, another ONNX, an iris estimator pickle, and junk."""
+    """Real model files: the iris ONNX, another ONNX, a tree converted as the CLI does, a pickle, junk."""
     from onnx import TensorProto, helper, save
     from sklearn.datasets import load_iris
     from sklearn.tree import DecisionTreeClassifier
@@ -46,9 +47,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tree = DecisionTreeClassifier(max_depth=3, random_state=0).fit(features, target)
     with (root / "tree.pkl").open("wb") as fh:
         pickle.dump(tree, fh)
+    (root / "tree.onnx").write_bytes(convert_pickle(root / "tree.pkl"))  # what `model push` sends
     (root / "notes.onnx").write_text("these are not the bytes of a model\n")
-    return {"iris": iris, "identity": root / "identity.onnx", "tree": root / "tree.pkl",
-            "junk": root / "notes.onnx"}
+    return {"iris": iris, "identity": root / "identity.onnx", "tree": root / "tree.onnx",
+            "pickle": root / "tree.pkl", "junk": root / "notes.onnx"}
 
 
 @pytest.fixture
@@ -105,19 +107,31 @@ def test_versions_count_up_and_identical_bytes_are_not_pushed_twice(
     assert registry.inspect("iris", "03") == v3  # "03" is version 3, as iris@3 reads
 
 
-def test_a_scikit_learn_pickle_is_converted_at_push(registry: Registry,
-                                                    models: dict[str, Path]) -> None:
+def test_a_pickle_is_refused_without_being_read(registry: Registry, models: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry runs in the root daemon: a pickle is refused by name, never opened or loaded."""
+    def no_unpickling(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the registry unpickled a file")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(ModelError, match=r"never loads a pickle.*converts a scikit-learn model"):
+        registry.push(models["pickle"], "tree")
+    assert registry.list() == []
+
+
+def test_a_converted_tree_answers_like_the_estimator(registry: Registry,
+                                                     models: dict[str, Path]) -> None:
     import onnxruntime as ort
     from sklearn.datasets import load_iris
 
-    m = registry.push(models["tree"], "tree").model
-    assert m.format == "sklearn->onnx"
+    m = registry.push(models["tree"], "tree", metadata={"source_format": "sklearn"}).model
+    assert (m.format, m.source_format) == ("onnx", "sklearn")
     assert m.inputs == [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}]
-    path = registry.resolve(m.ref)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(registry.resolve(m.ref)), providers=["CPUExecutionProvider"])
     features, _ = load_iris(return_X_y=True)
-    with models["tree"].open("rb") as fh:
-        tree = pickle.load(fh)
+    with models["pickle"].open("rb") as fh:
+        tree = pickle.load(fh)  # the test's own pickle, in the test's own process
     labels = session.run(["label"], {"X": features.astype(np.float32)})[0]
     assert (labels == tree.predict(features)).all()
 
