@@ -17,13 +17,14 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from control_helpers import SERVICE, service_yaml
+from control_helpers import SERVICE, kill_strays, service_yaml
 from typer.testing import CliRunner
 
 import uniframe.cli.main  # noqa: F401  (registers every command)
@@ -64,9 +65,22 @@ def serving(config: DaemonConfig, root: Path) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        daemon.shutdown()
-        thread.join(30)
-        store.close()
+        try:  # what the test applied goes, replicas and endpoints with it
+            with store.tx() as tx:
+                for obj in tx.list_objects():
+                    tx.delete_object(obj.kind, obj.name)
+            daemon.reconciler.wake()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with store.tx(readonly=True) as tx:
+                    if not tx.list_objects(include_deleted=True):
+                        break
+                time.sleep(0.1)
+        finally:
+            daemon.shutdown()
+            thread.join(30)
+            store.close()
+            kill_strays(root)  # whatever a failed test left running under its directory
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_helpers import kill_strays
 
 from uniframe.build.store import ImageStore
 from uniframe.control import reconciler as reconciler_module
@@ -51,6 +52,7 @@ def rec(store: Store, tmp_path: Path) -> Iterator[Reconciler]:
         yield reconciler
     finally:
         reconciler.close()
+        kill_strays(tmp_path)  # the service's endpoint, which outlives a reconciler by design
 
 
 def apply(store: Store, spec: dict[str, Any]) -> ObjectRecord:
