@@ -12,6 +12,10 @@ fake runs the process image: it reads only the model name from it). A VM
 boots once per claim that needs a guest answering; the crash claim kills QEMU
 right after it starts, so the whole suite boots each VM once.
 
+Every real driver must answer exactly as ONNX Runtime does in this process
+(labels equal, probabilities to 1e-6): one spec, the same answers whatever runs
+it. The fake answers a fixed shape only.
+
 After every remove the host is searched for anything carrying the replica's
 id (process, mount, network link, network namespace, cgroup, its directory)
 and its published port must be free again.
@@ -84,10 +88,11 @@ class Subject:
     kill9: Callable[[Driver, Replica], None]
     ready_within: float    # seconds from start to an answered inference
     stop_within: float     # the graceful stop's timeout
+    real_model: bool = True  # serves the model itself (the fake answers a fixed shape)
 
 
 SUBJECTS = [
-    pytest.param(Subject("fake", "process", _kill_fake, 10, 5), id="fake"),
+    pytest.param(Subject("fake", "process", _kill_fake, 10, 5, real_model=False), id="fake"),
     pytest.param(Subject("process", "process", _kill_group, 30, 20), id="process"),
     pytest.param(Subject("runc", "container", _kill_process, 60, 20), id="runc",
                  marks=[pytest.mark.root]),
@@ -104,6 +109,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_iris(d)
     (d / "service.yaml").write_text(SPEC)
     return d
+
+
+@pytest.fixture(scope="module")
+def expected(workdir: Path) -> tuple[list[int], list[list[float]]]:
+    """The labels and probabilities ONNX Runtime gives for ``ROWS`` in this process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(workdir / "iris.onnx"), providers=["CPUExecutionProvider"])
+    label, probs = session.run(None, {"X": np.array(ROWS, dtype=np.float32)})
+    return label.tolist(), probs.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +242,8 @@ def _nothing_left(driver: Driver, replica: Replica, port: int) -> None:
         time.sleep(0.1)
 
 
-def test_create_start_infer_log_stop_and_remove_without_a_trace(bench: Bench) -> None:
+def test_create_start_infer_log_stop_and_remove_without_a_trace(
+        bench: Bench, expected: tuple[list[int], list[list[float]]]) -> None:
     driver, port = bench.driver, free_port()
     replica = bench.create(port)
     assert driver.inspect(replica.id).state is ReplicaState.CREATED
@@ -238,6 +255,12 @@ def test_create_start_infer_log_stop_and_remove_without_a_trace(bench: Bench) ->
     answer = _until_answers(port, bench.subject.ready_within)
     label = answer["outputs"][0]  # type: ignore[index]
     assert label["shape"] == [3]  # one answer per row sent
+    if bench.subject.real_model:  # the same answers whatever runs the spec
+        import numpy as np
+
+        labels, probs = answer["outputs"]  # type: ignore[misc]
+        assert labels["data"] == expected[0]
+        np.testing.assert_allclose(np.array(probs["data"]).reshape(3, 3), expected[1], rtol=1e-6)
     with pytest.raises(RuntimeDriverError, match="already running"):
         driver.start(replica.id)
     with pytest.raises(RuntimeDriverError, match="running"):
