@@ -29,11 +29,11 @@ from uniframe.build.vmdisk import VMApp, build_vm_disk, build_vm_image
 from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.ports import PortMapping
 from uniframe.runtime.process import ProcessRef
+from uniframe.runtime.qemu.vm import CloudInitData, QemuVMDriver, VMConfig
+from uniframe.runtime.qemu.vm.disks import DiskError
+from uniframe.runtime.qemu.vm.driver import CONSOLE_LOG, OVERLAY
+from uniframe.runtime.qemu.vm.machine import FullVM
 from uniframe.runtime.replica import ImageRef, ReplicaConfig, ReplicaState
-from uniframe.runtime.vm import CloudInitData, QemuVMDriver, VMConfig
-from uniframe.runtime.vm.disks import DiskError
-from uniframe.runtime.vm.driver import CONSOLE_LOG, OVERLAY
-from uniframe.runtime.vm.machine import FullVM
 from uniframe.spec.loader import load_text
 from uniframe.spec.workload import Workload
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniframe.errors import RuntimeDriverError
-from uniframe.runtime.vm.disks import inspect_disk
+from uniframe.runtime.qemu.vm.disks import inspect_disk
 from uniframe.spec import FileModel, InferenceService, Workload
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")

@@ -182,7 +182,7 @@ ENTRIES: tuple[DriverEntry, ...] = (
         capabilities=frozenset({
             Capability.UNPRIVILEGED, Capability.PORT_PUBLISHING, Capability.RESOURCE_LIMITS,
             Capability.GRACEFUL_STOP, Capability.LIVE_LOGS}),
-        factory="uniframe.runtime.vm.driver:QemuVMDriver", probe=_qemu_usable,
+        factory="uniframe.runtime.qemu.vm.driver:QemuVMDriver", probe=_qemu_usable,
         summary="QEMU -M q35: full VMs from our disks or users' own"),
     DriverEntry(
         kind="runc", runtimes=("container",), image_kinds=("oci",),

@@ -48,8 +48,8 @@ def create_replica(workload: Workload, driver: Driver, name: str | None,
     if spec.runtime == "vm" and source == "disk":
         from dataclasses import replace
 
-        from uniframe.runtime.vm.config import VMConfig
-        from uniframe.runtime.vm.driver import QemuVMDriver
+        from uniframe.runtime.qemu.vm.config import VMConfig
+        from uniframe.runtime.qemu.vm.driver import QemuVMDriver
 
         assert isinstance(driver, QemuVMDriver)
         vm = replace(VMConfig.from_workload(workload, name=name), ports=ports)

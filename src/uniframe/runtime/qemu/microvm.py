@@ -1,6 +1,6 @@
 """The QEMU command line for a ``-M microvm`` guest, and what every QEMU replica shares.
 
-Both QEMU drivers (microVM here, full VM in :mod:`uniframe.runtime.vm`) launch
+Both QEMU drivers (microVM here, full VM in :mod:`uniframe.runtime.qemu.vm`) launch
 QEMU detached with its serial console logged and a QMP socket, wait for QMP
 to answer, and force a stuck guest down with QMP ``quit``; those pieces
 (:class:`QemuDriver`), and the record of what a run chose (:class:`QemuRecord`),

@@ -47,10 +47,10 @@ from uniframe.runtime.qemu.microvm import (
     user_netdev,
 )
 from uniframe.runtime.qemu.qmp import Qmp, QmpError
+from uniframe.runtime.qemu.vm.config import VMConfig
+from uniframe.runtime.qemu.vm.disks import create_overlay, inspect_disk
+from uniframe.runtime.qemu.vm.machine import FullVM
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
-from uniframe.runtime.vm.config import VMConfig
-from uniframe.runtime.vm.disks import create_overlay, inspect_disk
-from uniframe.runtime.vm.machine import FullVM
 
 __all__ = ["CONSOLE_LOG", "OVERLAY", "SEED", "QemuVMDriver"]
 
