@@ -34,7 +34,7 @@ from uniframe.spec.common import (
     StrictModel,
     UrlPath,
 )
-from uniframe.spec.units import parse_count_or_percent
+from uniframe.spec.units import parse_count_or_percent, parse_duration, parse_percent
 
 ModelFormat = Literal["onnx", "sklearn"]
 """``sklearn`` is a pickled or joblib-dumped estimator, converted to ONNX at build time."""
@@ -156,17 +156,124 @@ ModelRef = Annotated[
 ]
 
 
-class Autoscaling(StrictModel):
-    """Scale on in-flight requests per replica; ``min: 0`` lets an idle service sleep."""
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; written in YAML as ``30s``, ``1m30s``, ``500ms`` or a plain number of seconds."""
 
-    min: int = Field(default=0, ge=0)
+DEFAULT_TARGET = {"concurrency": 4.0, "rps": 200.0}
+"""Per replica, when ``target`` is left out: 4 requests in flight (the model server answers one
+at a time, so 4 is a short queue), or Knative's 200 requests a second."""
+STABLE_WINDOW_BOUNDS = (6.0, 3600.0)  # Knative's bounds: shorter is noise, longer never reacts
+PANIC_THRESHOLD_BOUNDS = (110.0, 1000.0)  # Knative's bounds, in percent
+MIN_PANIC_WINDOW = 1.0  # the daemon samples about once a second: a shorter window sees nothing
+
+
+def _window(value: object) -> float | str:
+    """``panicWindow``: a duration, or a share of ``stableWindow`` written ``"10%"``."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        share = parse_percent(value)
+        if not 0 < share <= 100:
+            raise ValueError(f"{value!r}: a share of stableWindow is above 0% and at most 100%")
+        return f"{share:g}%"
+    return parse_duration(value)
+
+
+def _stable_window(value: object) -> float:
+    seconds = parse_duration(value)
+    low, high = STABLE_WINDOW_BOUNDS
+    if not low <= seconds <= high:
+        raise ValueError(f"{value!r} is outside {low:g}s to {high / 3600:g}h: a shorter window "
+                         "averages noise, a longer one hardly reacts")
+    return seconds
+
+
+def _panic_threshold(value: object) -> float:
+    percent = parse_percent(value)
+    low, high = PANIC_THRESHOLD_BOUNDS
+    if not low <= percent <= high:
+        raise ValueError(f"{value!r} is outside {low:g}% to {high:g}%: panicThreshold is a share "
+                         "of the ready replicas, e.g. 200% (panic when the burst wants twice them)")
+    return percent
+
+
+class Autoscaling(StrictModel):
+    """Scale on load with Knative's KPA rules; ``min: 0`` lets an idle service sleep.
+
+    The daemon samples the service endpoint about once a second: requests in flight
+    (``metric: concurrency``, held requests included) or answered per second
+    (``metric: rps``), averaged over ``stableWindow`` and over the shorter
+    ``panicWindow``. Desired replicas are ``ceil(average / target)``; when the panic
+    window asks for ``panicThreshold`` of the ready replicas or more, the service
+    panics: it follows the panic window and never scales down until a stable window
+    passes without that. A service idle for a whole stable window goes to one replica,
+    and to zero (if ``min`` is 0) after ``scaleToZeroGracePeriod`` more.
+    """
+
+    min: int = Field(default=0, ge=0, description="the fewest replicas; 0 lets an idle service sleep")
     max: int = Field(ge=1, description="the most replicas to run, e.g. max: 4")
-    target_concurrency: float = Field(default=4, gt=0)
+    metric: Literal["concurrency", "rps"] = Field(
+        default="concurrency",
+        description="concurrency: requests in flight per replica; rps: requests a second per replica")
+    target: float | None = Field(
+        default=None, gt=0,
+        description="the metric's value per replica to aim for (default 4 for concurrency, 200 for rps)")
+    target_concurrency: float | None = Field(
+        default=None, gt=0, description="older spelling of metric: concurrency with target")
+    scale_to_zero_grace_period: Duration = Field(
+        default=30.0, ge=0,
+        description="how long the last replica stays once a stable window saw no request")
+    stable_window: Annotated[float, BeforeValidator(_stable_window)] = Field(
+        default=60.0, description="the window the metric is averaged over (6s to 1h)")
+    panic_window: Annotated[float | str, BeforeValidator(_window)] = Field(
+        default="10%", description="the short window that detects bursts: a duration or a share "
+                                   "of stableWindow (default 10%, at least 1s)")
+    panic_threshold: Annotated[float, BeforeValidator(_panic_threshold)] = Field(
+        default=200.0, description="panic when the panic window wants this share of the ready replicas "
+                    "(110% to 1000%)")
+    activation_timeout: Duration = Field(
+        default=30.0, gt=0,
+        description="how long the endpoint holds a request while no replica is ready, then 503")
+
+    @property
+    def target_value(self) -> float:
+        """The metric's value per replica to aim for, whichever way it was written."""
+        if self.target is not None:
+            return self.target
+        if self.target_concurrency is not None:
+            return self.target_concurrency
+        return DEFAULT_TARGET[self.metric]
+
+    @property
+    def panic_window_seconds(self) -> float:
+        """``panicWindow`` in seconds (a share is of ``stableWindow``), at least one sample apart."""
+        if isinstance(self.panic_window, str):
+            share = float(self.panic_window.removesuffix("%"))
+            return max(MIN_PANIC_WINDOW, self.stable_window * share / 100)
+        return self.panic_window
 
     @model_validator(mode="after")
-    def _min_below_max(self) -> Autoscaling:
+    def _consistent(self) -> Autoscaling:
+        def fail(field: str, value: object, message: str) -> ValidationError:
+            # Raised as a ValidationError so the error names the field, not spec.autoscaling.
+            return ValidationError.from_exception_data(type(self).__name__, [
+                {"type": "value_error", "loc": (field,), "input": value,
+                 "ctx": {"error": ValueError(message)}}])
+
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is above max ({self.max}); lower min or raise max")
+        if self.target_concurrency is not None and (self.target is not None
+                                                    or self.metric != "concurrency"):
+            raise fail("targetConcurrency", self.target_concurrency,
+                       "targetConcurrency is the older spelling of metric: concurrency with "
+                       "target; give target (and metric) only")
+        if not isinstance(self.panic_window, str):
+            if self.panic_window < MIN_PANIC_WINDOW:
+                raise fail("panicWindow", self.panic_window,
+                           f"{self.panic_window:g}s is shorter than the daemon's sampling period; "
+                           f"use at least {MIN_PANIC_WINDOW:g}s")
+            if self.panic_window > self.stable_window:
+                raise fail("panicWindow", self.panic_window,
+                           f"{self.panic_window:g}s is longer than stableWindow "
+                           f"({self.stable_window:g}s); a panic window is the short one")
         return self
 
 

@@ -58,3 +58,38 @@ def parse_count_or_percent(value: object) -> int | str:
         if match is not None and int(match["number"]) <= 100:
             return f"{int(match['number'])}%"
     raise ValueError(f"{value!r} is not a count or a percentage, use e.g. 1 or 25%")
+
+
+_DURATION_PART = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)")
+_DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30`` or ``"30s"``, ``"1m30s"``, ``"500ms"``, ``"1h"``, as Knative and
+    Kubernetes users write them; raise ``ValueError`` with a message for people."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration, use e.g. 30s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        parts = list(_DURATION_PART.finditer(text))
+        if not parts or "".join(p.group(0) for p in parts) != text:
+            raise ValueError(f"{value!r} is not a duration, use e.g. 30s, 1m30s or 500ms")
+        seconds = sum(float(p["number"]) * _DURATION_SECONDS[p["unit"]] for p in parts)
+    if seconds < 0:
+        raise ValueError(f"{value!r} must not be negative")
+    return seconds
+
+
+def parse_percent(value: object) -> float:
+    """A percentage written ``"200%"`` or ``200`` (Knative's ``*-percentage`` settings)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a percentage, use e.g. 200%")
+    if isinstance(value, str):
+        text = value.strip().removesuffix("%").strip()
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage, use e.g. 200%") from None
+    return float(value)
