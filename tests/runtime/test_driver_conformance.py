@@ -157,8 +157,8 @@ class Bench:
                                ports=(PortMapping(port, image_port(self.image)),))
         return replace(config, **changes)  # type: ignore[arg-type]
 
-    def create(self, port: int) -> Replica:
-        replica = self.driver.create(self.config(port))
+    def create(self, port: int, **changes: object) -> Replica:
+        replica = self.driver.create(self.config(port, **changes))
         self.made.append(replica.id)
         return replica
 
@@ -323,7 +323,7 @@ def test_snapshot_and_restore_or_a_refusal_naming_the_driver(bench: Bench) -> No
             driver.restore(foreign, bench.config(free_port()))
         return
     port = free_port()
-    source = driver.start(bench.create(port).id)
+    source = driver.start(bench.create(port, snapshottable=True).id)
     _until_answers(port, bench.subject.ready_within)
     snap = driver.snapshot(source.id)
     assert (snap.driver, snap.source_replica, snap.image_digest) == (

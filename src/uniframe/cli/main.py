@@ -17,6 +17,7 @@ from uniframe.cli import (  # noqa: F401
     run,
     runtimes,
     serve,
+    snapshot,
     validate,
 )
 from uniframe.cli.app import run as run_app

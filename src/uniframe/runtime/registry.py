@@ -173,7 +173,7 @@ ENTRIES: tuple[DriverEntry, ...] = (
         capabilities=frozenset({
             Capability.UNPRIVILEGED, Capability.PORT_PUBLISHING, Capability.EXIT_STATUS,
             Capability.RESOURCE_LIMITS, Capability.GRACEFUL_STOP, Capability.LIVE_LOGS,
-            Capability.CONSOLE, Capability.BRIDGE_NETWORK}),
+            Capability.CONSOLE, Capability.BRIDGE_NETWORK, Capability.SNAPSHOT}),
         factory="uniframe.runtime.qemu.driver:QemuMicroVMDriver", probe=_qemu_usable,
         summary="QEMU -M microvm: a tailored kernel plus the server as PID 1"),
     DriverEntry(

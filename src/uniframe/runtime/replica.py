@@ -82,6 +82,9 @@ class ReplicaConfig:
     # Containers only: override the image's entrypoint and/or cmd.
     command: tuple[str, ...] | None = None
     args: tuple[str, ...] | None = None
+    # Run so that the replica can be snapshotted (drivers with the snapshot capability: for
+    # QEMU, guest RAM in a file and no free page reporting); others ignore it.
+    snapshottable: bool = False
 
 
 class ReplicaState(enum.StrEnum):
@@ -137,6 +140,7 @@ class Replica:
             "ports": [p.to_json() for p in c.ports], "accel_requested": c.accel,
             "network": c.network, "command": list(c.command) if c.command is not None else None,
             "args": list(c.args) if c.args is not None else None, "env": [list(e) for e in c.env],
+            "snapshottable": c.snapshottable,
             "pid": self.pid, "pid_start_time": self.pid_start_time,
             "log_offset": self.log_offset, "argv": list(self.argv), "extra": self.extra,
         }
@@ -151,6 +155,7 @@ class Replica:
             command=tuple(data["command"]) if data.get("command") is not None else None,
             args=tuple(data["args"]) if data.get("args") is not None else None,
             env=tuple((str(k), str(v)) for k, v in data.get("env", [])),
+            snapshottable=bool(data.get("snapshottable", False)),
         )
         extra = dict(data.get("extra", {}))
         for key in LEGACY_DRIVER_FIELDS:  # records written before drivers kept these in extra

@@ -42,7 +42,9 @@ DESIGN notes):
 - A ``virtio-balloon-device`` with ``free-page-reporting=on``: the guest
   reports the pages it frees (the compressed initrd once unpacked, init
   memory) and QEMU drops them, ~20 MB less RSS after boot. The balloon is
-  never inflated; only the reporting is used.
+  never inflated; only the reporting is used. Not for RAM in a file
+  (:class:`GuestMemory`, snapshots): dropping a reported page punches a hole
+  in the file, and template and clones must have the same devices.
 - A read-only root disk (``disk``) is a raw ``virtio-blk-device`` opened with
   ``readonly=on``: the guest cannot write to the image, and QEMU then takes
   only a shared lock on the file, so any number of replicas boot from the
@@ -145,6 +147,47 @@ def add_kernel_args(cmdline: str, args: Sequence[str]) -> str:
     return f"{line} -- {init_part.strip()}".strip() if sep else line
 
 
+RAM_ID = "ram"  # the id of the guest RAM's memory backend object
+RAM_DIR = Path("/dev/shm")  # where snapshottable replicas keep their RAM (UNIFRAME_RAM_DIR overrides)
+
+
+def own_ram_file(replica_id: str) -> Path:
+    """The shared RAM file of a snapshottable replica.
+
+    On tmpfs, not beside the replica's records: a shared mapping of a file on
+    a disk file system allocates blocks as the guest first writes each page
+    and the kernel keeps writing dirty guest RAM back to the disk; on tmpfs
+    it is memory like anonymous RAM. The driver deletes it when the replica's
+    end is seen; a snapshot keeps a copy of its own.
+    """
+    directory = Path(os.environ.get("UNIFRAME_RAM_DIR") or RAM_DIR)
+    if not (directory.is_dir() and os.access(directory, os.W_OK)):
+        raise RuntimeDriverError(f"{directory} is not a writable directory for guest RAM files; "
+                                 "point UNIFRAME_RAM_DIR at a tmpfs directory")
+    return directory / f"uniframe-{replica_id}.ram"
+
+
+@dataclass(frozen=True)
+class GuestMemory:
+    """Guest RAM kept in a file instead of anonymous memory, so a snapshot can leave it out.
+
+    With QEMU's ``x-ignore-shared`` migration capability, RAM in a *shared*
+    file backend is not streamed: the saved state is only the devices (~50 KB)
+    and the RAM stays in the file. A replica that may become a template maps
+    its own file ``shared``; a clone maps the template's file *privately*
+    (``shared=False``): copy-on-write, so every clone of one template shares its
+    unchanged pages through the page cache and none can change the template.
+    """
+
+    path: Path
+    shared: bool = True
+
+    def backend(self, memory_mib: int) -> str:
+        """The ``-object`` value (its size must equal ``-m``)."""
+        return (f"memory-backend-file,id={RAM_ID},size={memory_mib}M,"
+                f"mem-path={qemu_opt(self.path)},share={'on' if self.shared else 'off'}")
+
+
 @dataclass(frozen=True)
 class MicroVM:
     """Everything QEMU needs to boot one microVM."""
@@ -164,11 +207,14 @@ class MicroVM:
     free_page_reporting: bool = True
     serial: tuple[str, ...] = ("-serial", "stdio")
     qmp_socket: Path | None = None
+    memory: GuestMemory | None = None     # guest RAM in a file (snapshots); None: anonymous
+    incoming: bool = False                # wait for a migration stream (a restore)
     extra: tuple[str, ...] = field(default=())
 
     def argv(self) -> list[str]:
         cmdline = add_kernel_args(self.cmdline, tcg_kernel_args()) if self.accel == "tcg" else self.cmdline
-        argv = [self.qemu, "-M", self.machine, *accel_args(self.accel, self.tb_size),
+        machine = self.machine if self.memory is None else f"{self.machine},memory-backend={RAM_ID}"
+        argv = [self.qemu, "-M", machine, *accel_args(self.accel, self.tb_size),
                 "-smp", str(self.cpus), "-m", f"{self.memory_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(self.kernel), "-append", cmdline]
@@ -182,10 +228,15 @@ class MicroVM:
             argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
         if self.rng:
             argv += ["-device", "virtio-rng-device"]
-        if self.free_page_reporting:
+        if self.free_page_reporting and self.memory is None:
+            # reported pages are punched out of a RAM file: never for file-backed RAM
             argv += ["-device", "virtio-balloon-device,free-page-reporting=on"]
         for i, netdev in enumerate(self.netdev):
             argv += ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net{i}"]
+        if self.memory is not None:
+            argv += ["-object", self.memory.backend(self.memory_mib)]
+        if self.incoming:
+            argv += ["-incoming", "defer"]
         return argv + list(self.extra)
 
 
@@ -223,21 +274,32 @@ class QemuRecord:
 
     The accelerator the probe picked, and for a bridged microVM its tap device
     and address (the keys are the ones older records kept at the top level).
+    A run whose RAM is in a file records it (``ram_file``: the replica's own
+    shared file, or the template a clone maps privately) and, for a clone, the
+    snapshot it was restored from.
     """
 
     accel: str | None = None
     guest_ip: str | None = None
     tap: str | None = None
+    ram_file: str | None = None
+    restored_from: str | None = None
 
     @classmethod
     def of(cls, replica: Replica) -> QemuRecord:
         e = replica.extra
-        return cls(e.get("accel"), e.get("guest_ip"), e.get("tap"))
+        return cls(e.get("accel"), e.get("guest_ip"), e.get("tap"), e.get("ram_file"),
+                   e.get("restored_from"))
 
     def on(self, replica: Replica) -> Replica:
         """``replica`` carrying this record."""
-        return replica.with_(extra={**replica.extra, "accel": self.accel,
-                                    "guest_ip": self.guest_ip, "tap": self.tap})
+        extra = {**replica.extra, "accel": self.accel, "guest_ip": self.guest_ip, "tap": self.tap}
+        for key, value in (("ram_file", self.ram_file), ("restored_from", self.restored_from)):
+            if value is None:
+                extra.pop(key, None)
+            else:
+                extra[key] = value
+        return replica.with_(extra=extra)
 
 
 def qemu_log_tail(path: Path, lines: int = 5) -> str:
