@@ -29,9 +29,24 @@ def endpoint_text(obj: dict[str, Any]) -> str:
 
 
 def ready_text(obj: dict[str, Any]) -> str:
+    """``ready/desired``; an autoscaled service adds its bounds: ``2/3 (0..8)``."""
     replicas = obj["status"]["replicas"]
     desired = replicas["desired"] if replicas["desired"] is not None else replicas["total"]
-    return f"{replicas['ready']}/{desired}"
+    scaling = obj["status"].get("autoscaling")
+    bounds = f" ({scaling['min']}..{scaling['max']})" if scaling else ""
+    return f"{replicas['ready']}/{desired}{bounds}"
+
+
+def autoscaling_text(scaling: dict[str, Any]) -> str:
+    """``describe``'s line: bounds, desired vs ready, the metric as last observed, panic."""
+    desired = scaling["desired"] if scaling["desired"] is not None else "not decided yet"
+    text = (f"min {scaling['min']}, max {scaling['max']}, desired {desired}, "
+            f"ready {scaling['ready']}")
+    if scaling.get("observed") is not None:
+        unit = "in flight" if scaling["metric"] == "concurrency" else "requests/s"
+        text += (f"; {scaling['metric']} {scaling['observed']:.2f} {unit} "
+                 f"(target {scaling['target']:g} per replica)")
+    return text + ("; panicking" if scaling.get("panicking") else "")
 
 
 def rollout_cells(obj: dict[str, Any]) -> tuple[str, str]:
@@ -169,6 +184,9 @@ def describe(
     _field("Replicas", f"{ready_text(obj)} ready"
                        + (f" ({', '.join(f'{s}: {n}' for s, n in states.items())})"
                           if states else ""))
+    scaling = obj["status"].get("autoscaling")
+    if scaling:
+        _field("Autoscaling", autoscaling_text(scaling))
     endpoint = obj.get("endpoint")
     _field("Endpoint", f"http://{endpoint['host']}:{endpoint['port']}" if endpoint
            else "none yet")

@@ -127,6 +127,18 @@ class Endpoints:
         with self.store.tx() as tx:
             tx.release_endpoint(service)
 
+    def status(self, service: str) -> EndpointStatus | None:
+        """The endpoint of ``service`` as it reports itself; None if this daemon holds none or
+        it does not answer (the autoscaler samples through here)."""
+        with self._lock:
+            ep = self._live.get(service)
+        if ep is None:
+            return None
+        try:
+            return ep.status()
+        except EndpointError:
+            return None
+
     def statuses(self) -> dict[str, EndpointStatus]:
         """Each endpoint this daemon holds, as it reports itself (those not answering are left out)."""
         with self._lock:

@@ -46,6 +46,8 @@ from pathlib import Path
 from uniframe.build.images import build_image
 from uniframe.build.store import Image, ImageStore
 from uniframe.control import planner
+from uniframe.control.autoscaler import Decision, Settings
+from uniframe.control.autoscaling import Autoscalers, Load, describe_change
 from uniframe.control.endpoints import Endpoints
 from uniframe.control.health import Liveness
 from uniframe.control.hostpaths import PathPolicy
@@ -194,6 +196,9 @@ class Reconciler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # One decider per autoscaled service, sampled from its endpoint on a thread of its own
+        # (started by run; tests call autoscalers.sample()).
+        self.autoscalers = Autoscalers(self._endpoint_load, changed=self._scaled)
         self.passes = 0
         self.last_pass_seconds = 0.0  # of the last whole pass over every object (see _time_pass)
         self.errors = 0
@@ -208,12 +213,20 @@ class Reconciler:
         """Run the next pass now (an object was applied, deleted, promoted...)."""
         self._wake.set()
 
+    def wake_service(self, name: str) -> None:
+        """A request waits at ``name``'s endpoint with no replica ready (the activator's call):
+        an autoscaled service wants a replica at once, and every object gets a pass now."""
+        self.autoscalers.poke(name)
+        self.wake()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
 
     def run(self, period: float = 1.0) -> None:
         """Dispatch passes until :meth:`stop`; then wait for those running and let go of endpoints."""
+        threading.Thread(target=self.autoscalers.run, args=(self._stop,), name="autoscaler",
+                         daemon=True).start()
         try:
             while not self._stop.is_set():
                 self._dispatch()
@@ -408,7 +421,7 @@ class Reconciler:
             if failure is not None:
                 rollout = self._fail(obj, rollout, failure)  # a first deployment: no way back
 
-        want = wanted_replicas(obj.spec)
+        want = self._wanted(obj, doc, new, old)
         canary_on = (rollout.strategy == "canary" and rollout.state in (PROGRESSING, PAUSED)
                      and target.endpoint)
         percent = rollout.traffic_percent or 0
@@ -444,6 +457,7 @@ class Reconciler:
         for rec in replicas:
             self._retire(obj, rec, "object deleted")
         if obj.kind == SERVICE_KIND:
+            self.autoscalers.forget(obj.name)
             self.endpoints.remove(obj.name)
         with self._lock:  # the same spec applied again later builds at once, not after a back-off
             for key in [k for k, b in self._builds.items()
@@ -453,6 +467,40 @@ class Reconciler:
             current = tx.get_object(obj.kind, obj.name, include_deleted=True)
             if current is not None and current.deleted and not tx.list_replicas(obj.kind, obj.name):
                 tx.purge_object(obj.kind, obj.name)
+
+    # -- autoscaling -------------------------------------------------------------------------
+
+    def _wanted(self, obj: ObjectRecord, doc: InferenceService | Workload,
+                new: Sequence[ReplicaRecord], old: Sequence[ReplicaRecord]) -> int:
+        """Replicas the planner aims for: the fixed count, or the autoscaler's decision.
+
+        A decider new to a service (first pass, or a new daemon) takes over what runs:
+        the larger of the two revisions' counts, which during a rollout is the count
+        before it began, without the surge.
+        """
+        scaling = doc.spec.autoscaling if isinstance(doc, InferenceService) else None
+        if scaling is None:
+            self.autoscalers.forget(obj.name)
+            return wanted_replicas(obj.spec)
+        ready = sum(r.state == READY for r in (*new, *old))
+        return self.autoscalers.track(obj.name, Settings.of(scaling),
+                                      running=max(len(new), len(old)), ready=ready)
+
+    def _endpoint_load(self, service: str) -> Load | None:
+        """The service endpoint's load for its decider; None while it has no endpoint."""
+        status = self.endpoints.status(service)
+        if status is None:
+            return None
+        return Load(in_flight=status.in_flight + status.held, requests=status.requests)
+
+    def _scaled(self, service: str, before: int, decision: Decision, settings: Settings) -> None:
+        """The desired count changed: say so (ScaledUp, ScaledDown, ScaledToZero) and act now."""
+        reason, message = describe_change(service, before, decision, settings)
+        self.log(f"{SERVICE_KIND}/{service}: {message}")
+        with contextlib.suppress(UniframeError), self.store.tx() as tx:
+            if tx.get_object(SERVICE_KIND, service) is not None:
+                tx.add_event(SERVICE_KIND, service, reason, message)
+        self.wake()
 
     # -- rollouts ----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from uniframe.control import rollouts
 from uniframe.control.api.logs import LogSource, object_log, replica_log
 from uniframe.control.api.uploads import Uploads
 from uniframe.control.api.views import object_json, replica_json
+from uniframe.control.autoscaling import ScaleStatus
 from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy import EndpointStatus
 from uniframe.control.reconciler import RUN_KINDS, SERVICE_KIND, Reconciler
@@ -127,7 +128,25 @@ class Api:
         endpoint = tx.get_endpoint(obj.name) if obj.kind == SERVICE_KIND else None
         out = object_json(obj, replicas, endpoint, rollout)
         out["status"]["revision_digest"] = rollouts.revision_digest(obj.spec)
+        out["status"]["autoscaling"] = self._autoscaling_json(obj, out["status"]["replicas"])
         return out
+
+    def _autoscaling_json(self, obj: ObjectRecord, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """An autoscaled service's bounds and its decider's figures (the desired count is the
+        decider's, in memory: None until the daemon has tracked the service once)."""
+        body = obj.spec.get("spec", {})
+        scaling = body.get("autoscaling") if obj.kind == SERVICE_KIND else None
+        if not isinstance(scaling, dict):
+            return None
+        scale = self.reconciler.autoscalers.status().get(obj.name)
+        if scale is not None:
+            summary["desired"] = scale.desired
+        return {"min": int(scaling.get("min", 0)), "max": int(scaling["max"]),
+                "metric": scale.metric if scale else scaling.get("metric", "concurrency"),
+                "target": scale.target if scale else None,
+                "desired": scale.desired if scale else None, "ready": summary["ready"],
+                "observed": scale.observed if scale else None,
+                "panicking": scale.panicking if scale else False}
 
     def _rollout_json(self, tx: Tx, obj: ObjectRecord) -> dict[str, Any]:
         """The rollout status, plus the digest it rolls to: a client waiting for the revision
@@ -319,8 +338,32 @@ class Api:
             "# TYPE uniframe_rollouts gauge",
             *(f'uniframe_rollouts{{state="{s}"}} {n}' for s, n in sorted(rollout_states.items())),
             *_endpoint_metrics(rec.endpoints.statuses()),
+            *_autoscaler_metrics(rec.autoscalers.status()),
         ]
         return "\n".join(lines) + "\n"
+
+
+def _autoscaler_metrics(scales: dict[str, ScaleStatus]) -> list[str]:
+    """Each autoscaled service's decider: desired vs ready, what it observed, panic mode."""
+    series: list[tuple[str, str, Callable[[ScaleStatus], float]]] = [
+        ("uniframe_autoscaler_desired_replicas", "Replicas the autoscaler wants.",
+         lambda sc: sc.desired),
+        ("uniframe_autoscaler_ready_replicas", "Ready replicas the autoscaler scales from.",
+         lambda sc: sc.ready),
+        ("uniframe_autoscaler_observed", "The metric the last decision followed (the panic "
+         "window's while panicking), for the whole service.", lambda sc: sc.observed),
+        ("uniframe_autoscaler_target", "The metric's target per replica.", lambda sc: sc.target),
+        ("uniframe_autoscaler_panic_mode", "1 while the autoscaler panics.",
+         lambda sc: int(sc.panicking)),
+        ("uniframe_autoscaler_min_replicas", "spec.autoscaling.min.", lambda sc: sc.min),
+        ("uniframe_autoscaler_max_replicas", "spec.autoscaling.max.", lambda sc: sc.max),
+    ]
+    lines: list[str] = []
+    for name, text, value in series:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{service="{svc}",metric="{sc.metric}"}} {value(sc):g}'
+                  for svc, sc in scales.items()]
+    return lines
 
 
 def _endpoint_metrics(statuses: dict[str, EndpointStatus]) -> list[str]:

@@ -190,7 +190,10 @@ SCHEMAS: dict[str, Any] = {
         replicas=_obj(desired=_nullable(_INT), total=_INT, ready=_INT,
                       states={"type": "object", "additionalProperties": _INT}),
         rollout=_nullable(_ref("RolloutStatus")),
-        revision_digest={"type": "string", "description": "the revision the spec asks for"}),
+        revision_digest={"type": "string", "description": "the revision the spec asks for"},
+        autoscaling=_nullable(_obj(
+            min=_INT, max=_INT, metric=_STR, target=_nullable(_NUM), desired=_nullable(_INT),
+            ready=_INT, observed=_nullable(_NUM), panicking=_BOOL))),
     "Object": _obj(kind=_STR, name=_STR, generation=_INT, digest=_STR, created_at=_NUM,
                    updated_at=_NUM, deleted=_BOOL, spec={"type": "object"},
                    endpoint=_ref("Endpoint"), status=_ref("Status"),
