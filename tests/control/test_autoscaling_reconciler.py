@@ -150,6 +150,7 @@ def test_min_one_never_goes_to_zero(world: World) -> None:
     assert scaling == {"min": 1, "max": 3, "metric": "concurrency", "target": 1.0, "desired": 2,
                        "ready": 2, "observed": 2.0, "panicking": True}
     assert obj["status"]["replicas"]["desired"] == 2
+    assert obj["status"]["rollout"]["desired"] == 2
     assert ready_text(obj) == "2/2 (1..3)"
     assert autoscaling_text(scaling) == ("min 1, max 3, desired 2, ready 2; concurrency 2.00 in "
                                          "flight (target 1 per replica); panicking")

@@ -152,8 +152,11 @@ class Api:
         """The rollout status, plus the digest it rolls to: a client waiting for the revision
         it applied compares that with the ``revision_digest`` its apply answered."""
         record = tx.get_rollout(obj.kind, obj.name)
-        return {**rollouts.read_status(tx, obj).to_json(),
-                "target_digest": record.to_digest if record is not None else None}
+        status = rollouts.read_status(tx, obj).to_json()
+        scaled = self.reconciler.autoscalers.desired(obj.name) if obj.kind == SERVICE_KIND else None
+        if scaled is not None:  # an autoscaled service rolls to the count its decider wants
+            status["desired"] = scaled
+        return {**status, "target_digest": record.to_digest if record is not None else None}
 
     def objects(self, kind: str | None = None) -> dict[str, Any]:
         with self.store.tx(readonly=True) as tx:
