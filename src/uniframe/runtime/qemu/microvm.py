@@ -91,6 +91,7 @@ CONSOLE_SOCK = "console.sock"  # the console's input
 QMP_SOCK = "qmp.sock"
 QEMU_LOG = "qemu.log"          # QEMU's own stdout/stderr
 START_TIMEOUT_S = 15.0         # launch to QMP answering
+QMP_POLL_S = 0.005             # QMP answers ~20 ms after launch; a restore waits for exactly that
 
 USER_NET_GUEST_IP = "10.0.2.15"
 USER_NET_IP_ARG = f"ip={USER_NET_GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
@@ -335,7 +336,7 @@ class QemuDriver(Driver):
                     # its published ports stay claimed as long as QEMU runs
                     hostnet.bind(self.root.parent, replica.id, *self._processes(replica))
                     return None
-            time.sleep(0.05)
+            time.sleep(QMP_POLL_S)
         raise RuntimeDriverError(f"QEMU for {replica.name} did not answer QMP within "
                                  f"{START_TIMEOUT_S:.0f} s; see {replica.dir / QEMU_LOG}")
 

@@ -171,8 +171,13 @@ def differences(saved: dict[str, Any], wanted: dict[str, Fact]) -> list[str]:
             found.append(f"QEMU arguments (snapshot has {gone or 'the same words'}, "
                          f"this machine {added or 'in another order'})")
         else:
-            found.append(f"{key} ({a} in the snapshot, {b} here)")
+            found.append(f"{key} ({_brief(a)} in the snapshot, {_brief(b)} here)")
     return found
+
+
+def _brief(value: object, limit: int = 100) -> str:
+    text = "not recorded" if value is None else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
