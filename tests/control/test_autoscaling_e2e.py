@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import ROW, Load, event_reasons, replicas, running_daemon, until
+from control_helpers import until
+from daemon_support import ROW, Load, event_reasons, replicas, running_daemon
 
 from uniframe.control.states import READY
 
