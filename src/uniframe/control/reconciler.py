@@ -23,8 +23,10 @@ One pass of one object:
    doubling back-off, a visible crash-loop state;
 4. if the rollout's new replicas fail (die repeatedly, or are not ready
    within ``progressDeadlineSeconds``), apply the previous revision again;
-5. ask :mod:`.planner` what to create and retire (scale, rolling, canary),
-   tell the endpoint, act, and record how far the rollout got.
+5. ask :mod:`.planner` what to create and retire (scale, rolling, canary)
+   towards the fixed count or, under ``autoscaling``, the count the
+   service's decider wants (:mod:`.autoscaling`), tell the endpoint, act,
+   and record how far the rollout got.
 
 Objects are reconciled on a thread pool, one task per object at a time, so
 an image build for one service does not hold up restarts of another.

@@ -37,8 +37,8 @@ def revision_digest(spec: dict[str, Any]) -> str:
 
 
 def wanted_replicas(spec: dict[str, Any]) -> int:
-    """Replicas to run: the fixed count, or autoscaling's floor (at least one, until the
-    autoscaler that scales on load and wakes a sleeping service exists)."""
+    """Replicas to run: the fixed count, or autoscaling's floor (at least one) where no decider
+    has spoken; the reconciler asks the daemon's autoscaler for an autoscaled service instead."""
     body = spec.get("spec", {})
     if body.get("replicas") is not None:
         return int(body["replicas"])
