@@ -338,13 +338,14 @@ class QemuMicroVMDriver(QemuDriver):
             self._before_serving(replica)
         except BaseException as exc:
             self._incoming.pop(replica.id, None)
-            tail = qemu_log_tail(replica.dir / QEMU_LOG)
+            died = not self._alive(replica)  # QEMU exits when it cannot load a state
+            tail = "; ".join(qemu_log_tail(replica.dir / QEMU_LOG, 3).splitlines())
             with contextlib.suppress(Exception):
                 self.remove(replica.id, force=True)
             if isinstance(exc, Exception):
-                raise RuntimeDriverError(
-                    f"restoring snapshot {snapshot.id} failed: {exc}"
-                    + (f"\nQEMU said: {tail}" if tail else "") + "; boot a replica instead") from exc
+                cause = f"QEMU exited: {tail}" if died and tail else str(exc)
+                raise RuntimeDriverError(f"restoring snapshot {snapshot.id} failed ({cause}); "
+                                         "boot a replica instead") from exc
             raise
         return replica
 
