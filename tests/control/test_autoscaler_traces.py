@@ -5,7 +5,7 @@ writes them), the load (recorded ``samples`` ``[t, inFlight, requestsAnswered]``
 ``load`` segments expanded to one sample a second), demand from the activator
 (``pokes``), how long a wanted replica takes to read ready (``readyLag``), and the
 decisions expected: ``at`` one sample or over ``from``..``to``, the ``desired``
-count, ``panic`` mode, or ``rising`` (never down over the range).
+count (or ``atLeast``), ``panic`` mode, or ``rising`` (never down over the range).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def test_trace(path: Path) -> None:
             where = f"{path.name} at t={d.at:g} ({d.why}; stable {d.stable:.2f}, panic {d.panic:.2f})"
             if "desired" in rule:
                 assert d.desired == rule["desired"], f"{where}: desired {d.desired}, rule {rule}"
+            if "atLeast" in rule:
+                assert d.desired >= rule["atLeast"], f"{where}: desired {d.desired}, rule {rule}"
             if "panic" in rule:
                 assert d.panicking == rule["panic"], f"{where}: panicking {d.panicking}, rule {rule}"
         if rule.get("rising"):
