@@ -165,6 +165,11 @@ def test_a_template_serves_on_and_its_clones_answer_the_same(driver: QemuMicroVM
     driver.remove(source.id, force=True)
     assert not ram_file.exists()
 
+    # A clone stops like any replica: its guest init reads the shutdown line and reports 0.
+    clone, _ = clones[0]
+    status = driver.stop(clone.id, timeout=30)
+    assert (status.state, status.exit_status) == (ReplicaState.EXITED, 0), status
+
 
 def test_a_failed_restore_leaves_nothing_and_says_so(driver: QemuMicroVMDriver, iris: Image) -> None:
     port = free_port()
