@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 from uniframe.control.autoscaler import Decision, Settings
@@ -53,3 +55,27 @@ def test_demand_wants_a_replica_at_once() -> None:
     # a changed spec's settings apply at once: a raised min is the floor now
     scalers.track("a", replace(SETTINGS, min=2), running=1, ready=1)
     assert scalers.desired("a") == 2
+
+
+def test_the_sampler_thread_survives_a_failure() -> None:
+    """A decision whose report fails (the store refused the event) is logged; sampling goes on."""
+    calls: list[int] = []
+    logged: list[str] = []
+
+    def changed(_s: str, _b: int, _d: Decision, _c: Settings) -> None:
+        calls.append(1)
+        raise RuntimeError("store closed")
+
+    stop = threading.Event()
+    in_flight = iter(range(1, 1000))
+    scalers = Autoscalers(lambda _s: Load(next(in_flight) * 4, 0), changed=changed, period=0.01)
+    scalers.track("a", replace(SETTINGS, max=1000), running=0, ready=0)
+    worker = threading.Thread(target=scalers.run, args=(stop, logged.append))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    worker.join(10)
+    assert len(calls) >= 3, calls
+    assert logged[0] == "autoscaler: sampling failed: RuntimeError: store closed"

@@ -146,10 +146,18 @@ class Autoscalers:
                 self._changed(service, before, decision, tracked.scaler.settings)
         return changed
 
-    def run(self, stop: threading.Event) -> None:
-        """Sample every ``period`` seconds until ``stop`` is set."""
+    def run(self, stop: threading.Event, log: Callable[[str], None] | None = None) -> None:
+        """Sample every ``period`` seconds until ``stop`` is set.
+
+        A failure (a store that cannot take the event, a bug) is logged and the next
+        sample comes as usual: a sampler that died would freeze every service's count.
+        """
         while not stop.wait(self.period):
-            self.sample()
+            try:
+                self.sample()
+            except Exception as exc:
+                if log is not None:
+                    log(f"autoscaler: sampling failed: {type(exc).__name__}: {exc}")
 
     def status(self) -> dict[str, ScaleStatus]:
         with self._lock:

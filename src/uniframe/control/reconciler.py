@@ -227,8 +227,8 @@ class Reconciler:
 
     def run(self, period: float = 1.0) -> None:
         """Dispatch passes until :meth:`stop`; then wait for those running and let go of endpoints."""
-        threading.Thread(target=self.autoscalers.run, args=(self._stop,), name="autoscaler",
-                         daemon=True).start()
+        threading.Thread(target=self.autoscalers.run, args=(self._stop, self.log),
+                         name="autoscaler", daemon=True).start()
         try:
             while not self._stop.is_set():
                 self._dispatch()
