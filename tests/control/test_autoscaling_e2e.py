@@ -1,7 +1,8 @@
-"""Autoscaling through a real daemon on the process runtime: from zero, up under load, back to zero.
+"""Autoscaling through a real daemon: from zero, up under load, back to zero.
 
-The daemon's own sampler reads the real endpoint; replicas are real model servers (a normal start
-from zero, issue 11 part 5). Short windows (stable 6 s, grace 2 s) keep it under a minute.
+The daemon's own sampler reads the real endpoint; replicas are real model servers, as host
+processes or runc containers (a normal start from zero, issue 11 part 5). Short windows
+(stable 6 s, grace 2 s) keep it under a minute.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from daemon_support import ROW, Load, event_reasons, replicas, running_daemon
 from uniframe.control.states import READY
 
 
-def autoscaled(port: int) -> str:
+def autoscaled(port: int, runtime: str) -> str:
     return f"""
 apiVersion: uniframe.dev/v1alpha1
 kind: InferenceService
 metadata: {{name: iris}}
 spec:
   model: iris@1
-  runtime: process
+  runtime: {runtime}
   servicePort: {port}
   healthCheck: {{periodSeconds: 1}}
   autoscaling: {{min: 0, max: 3, target: 1, stableWindow: 6s, scaleToZeroGracePeriod: 2s}}
@@ -47,10 +48,12 @@ def infer(port: int) -> tuple[int, float]:
 
 
 @pytest.mark.slow
-def test_zero_to_load_and_back_to_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("runtime", ["process", pytest.param("container", marks=pytest.mark.root)])
+def test_zero_to_load_and_back_to_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       runtime: str) -> None:
     with running_daemon(tmp_path, monkeypatch, str(tmp_path / "state.db")) as d:
         try:
-            d.apply(autoscaled(d.service_port))
+            d.apply(autoscaled(d.service_port, runtime))
             until("the image is built", lambda: "Built" in event_reasons(d), 300)
             time.sleep(2)
             assert replicas(d) == []  # min 0 and no request yet: nothing runs
@@ -80,7 +83,7 @@ def test_zero_to_load_and_back_to_zero(tmp_path: Path, monkeypatch: pytest.Monke
             assert metrics['uniframe_autoscaler_desired_replicas{service="iris",metric="concurrency"}'] == 0
 
             _, again = infer(d.service_port)  # from zero once more: a normal start
-            print(f"first request from zero: {first:.2f} s, second: {again:.2f} s, "
+            print(f"{runtime}: first request from zero: {first:.2f} s, second: {again:.2f} s, "
                   f"idle to zero: {idle:.1f} s")
         except AssertionError:
             print(d.log()[-4000:])
