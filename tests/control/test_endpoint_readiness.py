@@ -48,7 +48,8 @@ def servers() -> Iterator[list[ThreadingHTTPServer]]:
     made: list[ThreadingHTTPServer] = []
     yield made
     for server in made:
-        server.shutdown()
+        if getattr(server, "serving", False):  # shutdown() waits for a serve_forever that never ran
+            server.shutdown()
         server.server_close()
 
 
@@ -65,6 +66,7 @@ def _server(made: list[ThreadingHTTPServer], name: str, *, listen: bool) -> Thre
 
 def _listen(server: ThreadingHTTPServer) -> None:
     server.server_activate()
+    server.serving = True  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
