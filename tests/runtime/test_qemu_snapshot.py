@@ -13,6 +13,7 @@ import http.client
 import json
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -202,3 +203,51 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.fixture(scope="module")
+def iris_vm(tmp_path_factory: pytest.TempPathFactory, kernel_path: Path) -> Image:
+    """The iris service built as a full VM disk (Debian, the cached kernel booted directly)."""
+    d = tmp_path_factory.mktemp("irisvm")
+    write_iris(d)
+    (d / "service.yaml").write_text(SPEC)
+    (doc,) = load_file(d / "service.yaml")
+    assert isinstance(doc.spec, InferenceService)
+    return build_image(doc.spec, source_digest=doc.digest(), runtime="vm",
+                       store=ImageStore(d / "images"))
+
+
+@pytest.mark.root
+def test_a_full_vm_template_and_its_clone(state_dir: Path, iris_vm: Image) -> None:
+    """The q35 VM: the template also keeps the disk overlay; the clone's overlay reads from it."""
+    from uniframe.runtime.qemu.vm.driver import OVERLAY, QemuVMDriver
+
+    driver = QemuVMDriver()
+    try:
+        port = free_port()
+        source = driver.start(driver.create(_config(iris_vm, port, memory_mib=512,
+                                                    snapshottable=True)).id)
+        warm = _until_inference(port, 400)
+        snap = driver.snapshot(source.id)
+        stored = driver.snapshots.get(snap.id)
+        print(f"full VM snapshot: pause {stored.stats['pause_ms']} ms, state file "
+              f"{stored.stats['state_bytes']} bytes, RAM copied {stored.stats['ram_copied_bytes'] / 1e6:.1f} MB")
+        assert (stored.dir / OVERLAY).is_file()
+        assert _outputs(_infer(port)[1]) == _outputs(warm)
+
+        clone_port = free_port()
+        started = time.monotonic()
+        clone = driver.restore(snap, _config(iris_vm, clone_port, memory_mib=512))
+        answer = _until_inference(clone_port, 60)
+        print(f"full VM restore to first inference: {(time.monotonic() - started) * 1000:.0f} ms")
+        assert _outputs(answer) == _outputs(warm)
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(clone.dir / OVERLAY)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert info["backing-filename"] == str(stored.dir / OVERLAY)
+        with pytest.raises(SnapshotMismatchError, match="not valid for this config"):
+            driver.restore(snap, _config(iris_vm, free_port(), memory_mib=1024))
+        status = driver.stop(clone.id, timeout=90)
+        assert status.state is ReplicaState.EXITED, status  # the clone powers off like any VM
+    finally:
+        for replica in driver.list():
+            driver.remove(replica.id, force=True)

@@ -27,6 +27,7 @@ from uniframe.runtime.qemu.snapshot import (
     snapshot_store,
 )
 from uniframe.runtime.qemu.snapshot_io import copy_sparse, open_connections
+from uniframe.runtime.qemu.vm.machine import FullVM
 from uniframe.runtime.replica import ImageRef, ReplicaConfig
 from uniframe.runtime.snapshot import Snapshot, SnapshotMismatchError
 
@@ -69,6 +70,16 @@ def test_file_backed_ram_drops_free_page_reporting_and_restore_waits_for_its_sta
         f"memory-backend-file,id=ram,size=128M,mem-path={tmp_path}/ram,,x,share=off")
     assert argv[argv.index("-m") + 1] == "128M"
     assert argv[-2:] == ["-incoming", "defer"]
+
+
+def test_a_full_vm_with_file_backed_ram_and_incoming(tmp_path: Path) -> None:
+    argv = FullVM(qemu="q", disk=tmp_path / "disk.qcow2", memory_mib=512,
+                  memory=GuestMemory(tmp_path / "ram"), incoming=True).argv()
+    assert argv[argv.index("-M") + 1] == "q35,memory-backend=ram"
+    assert f"memory-backend-file,id=ram,size=512M,mem-path={tmp_path}/ram,share=on" in argv
+    assert argv[-2:] == ["-incoming", "defer"]
+    plain = FullVM(qemu="q", disk=tmp_path / "disk.qcow2").argv()
+    assert plain[plain.index("-M") + 1] == "q35" and "-object" not in plain and "-incoming" not in plain
 
 
 def test_template_and_clone_normalise_to_the_same_argv(tmp_path: Path, qemu: Path, image: ImageRef) -> None:

@@ -181,7 +181,7 @@ ENTRIES: tuple[DriverEntry, ...] = (
         # A PC has no exit status: a powered-off guest is "exited", not "exited with N".
         capabilities=frozenset({
             Capability.UNPRIVILEGED, Capability.PORT_PUBLISHING, Capability.RESOURCE_LIMITS,
-            Capability.GRACEFUL_STOP, Capability.LIVE_LOGS}),
+            Capability.GRACEFUL_STOP, Capability.LIVE_LOGS, Capability.SNAPSHOT}),
         factory="uniframe.runtime.qemu.vm.driver:QemuVMDriver", probe=_qemu_usable,
         summary="QEMU -M q35: full VMs from our disks or users' own"),
     DriverEntry(

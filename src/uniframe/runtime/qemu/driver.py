@@ -23,9 +23,7 @@ then SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import secrets
 import socket
 import subprocess
 import time
@@ -47,37 +45,16 @@ from uniframe.runtime.qemu.microvm import (
     USER_NET_IP_ARG,
     GuestMemory,
     MicroVM,
-    QemuDriver,
     QemuRecord,
     console_chardev,
     kernel_cmdline,
     launch_detached,
-    own_ram_file,
     qemu_log_tail,
     user_netdev,
 )
-from uniframe.runtime.qemu.qmp import Qmp
-from uniframe.runtime.qemu.snapshot import (
-    RAM_FILE,
-    STATE_FILE,
-    Fact,
-    SnapshotNotFoundError,
-    SnapshotStore,
-    StoredSnapshot,
-    differences,
-    facts_key,
-    snapshot_facts,
-    snapshot_store,
-)
-from uniframe.runtime.qemu.snapshot_io import (
-    allocated_bytes,
-    copy_sparse,
-    load_devices,
-    open_connections,
-    save_devices,
-)
-from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus, utcnow
-from uniframe.runtime.snapshot import Snapshot, SnapshotMismatchError
+from uniframe.runtime.qemu.snapshot import Fact, snapshot_facts
+from uniframe.runtime.qemu.snapshot_driver import SnapshotTemplates
+from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 
 __all__ = ["CONSOLE_LOG", "EXIT_FILE", "QMP_SOCK", "REPLICA_FILE", "QemuMicroVMDriver"]
 
@@ -86,7 +63,7 @@ EXIT_LINE = re.compile(rb"UNIFRAME-EXIT status=(-?\d+)")
 SHUTDOWN_LINE = b"uniframe:shutdown\n"
 
 
-class QemuMicroVMDriver(QemuDriver):
+class QemuMicroVMDriver(SnapshotTemplates):
     """Create, start, stop, inspect and remove microVM replicas on this host."""
 
     noun = "microVM replica"
@@ -106,12 +83,6 @@ class QemuMicroVMDriver(QemuDriver):
         replica_id, name, directory = self._allocate(config.name, Path(config.image.ref.split(":")[0]).name,
                                                      longest=CONSOLE_SOCK)
         return self._record_new(replica_id, directory, replace(config, name=name))
-
-    def __init__(self, root: Path | None = None) -> None:
-        super().__init__(root)
-        # replica id -> the snapshot its next launch loads (set by restore only, so a later
-        # start of the same replica boots it afresh)
-        self._incoming: dict[str, StoredSnapshot] = {}
 
     @staticmethod
     def _vm(config: ReplicaConfig, directory: Path, accel: str, netdev: str, ip_arg: str,
@@ -137,21 +108,13 @@ class QemuMicroVMDriver(QemuDriver):
         config = replica.config
         accel = choose_accel(config.accel, kernel=config.image.kernel)
         guest_ip, tap, netdev, ip_arg = self._network(replica)
-        pending = self._incoming.pop(replica.id, None)
-        if pending is not None:
-            memory: GuestMemory | None = GuestMemory(pending.ram, shared=False)
-        elif config.snapshottable:
-            memory = GuestMemory(own_ram_file(replica.id), shared=True)
-        else:
-            memory = None
+        memory, pending = self._guest_memory(replica)
         record = QemuRecord(accel.name, guest_ip, tap,
                             ram_file=str(memory.path) if memory is not None else None,
                             restored_from=pending.snapshot.id if pending is not None else None)
         try:
             for name in (CONSOLE_SOCK, QMP_SOCK):
                 (replica.dir / name).unlink(missing_ok=True)
-            if memory is not None and memory.shared:
-                memory.path.unlink(missing_ok=True)  # a fresh boot starts from zeroed RAM
             vm = self._vm(config, replica.dir, accel.name, netdev, ip_arg, memory,
                           incoming=pending is not None)
             argv = vm.argv()
@@ -211,20 +174,13 @@ class QemuMicroVMDriver(QemuDriver):
 
     def _release(self, replica: Replica) -> None:
         """A bridged replica's tap, address and port claims; its own RAM file (never a template)."""
-        record = QemuRecord.of(replica)
         if replica.config.network == "bridge":
-            network.detach(self.root.parent, replica.id, record.tap)
+            network.detach(self.root.parent, replica.id, QemuRecord.of(replica).tap)
         else:
             super()._release(replica)
-        if record.ram_file is not None and record.restored_from is None:
-            Path(record.ram_file).unlink(missing_ok=True)
+        self._release_ram(replica)
 
-    # -- snapshots (runtime/qemu/snapshot.py: the key and the store; snapshot_io.py: QMP) ----
-
-    @property
-    def snapshots(self) -> SnapshotStore:
-        """This host's snapshot templates, ``<state>/snapshots/``."""
-        return snapshot_store(self.root.parent)
+    # -- snapshots (the flow: runtime/qemu/snapshot_driver.py) ------------------------------
 
     def _facts_for(self, config: ReplicaConfig) -> dict[str, Fact]:
         """The snapshot facts of a replica that would be restored with ``config``."""
@@ -237,128 +193,9 @@ class QemuMicroVMDriver(QemuDriver):
         vm = self._vm(config, placeholder, accel, user_netdev([]), USER_NET_IP_ARG,
                       GuestMemory(placeholder / "ram", shared=False), incoming=True)
         return snapshot_facts(vm.argv(), replica_dir=placeholder, image=config.image,
-                              accel=accel, network=config.network)
+                              accel=accel, network=config.network, driver=self.kind)
 
-    def snapshot(self, ref: str) -> Snapshot:
-        """Save a running, idle replica as a template; the replica keeps running.
-
-        The guest is paused (``stop``), its device state is saved without its
-        RAM (``x-ignore-shared``), its RAM file is copied into the snapshot,
-        and it continues (``cont``): the pause is the save plus the copy of the
-        pages the guest has touched. The copy, not the replica's own file, is
-        the template, so the replica serves on and clones never see its later
-        writes. The replica must have been started ``snapshottable`` (RAM in a
-        shared file) and have no connection open on its published ports
-        (user-mode networking cannot carry one across a restore).
-        """
-        replica = self.get(ref)
-        record = QemuRecord.of(replica)
-        if not self._alive(replica):
-            raise RuntimeDriverError(f"replica {replica.name} is not running; start it, and "
-                                     "snapshot it once it has served a warm-up request")
-        if record.restored_from is not None:
-            raise RuntimeDriverError(
-                f"replica {replica.name} was restored from snapshot {record.restored_from}; "
-                "its RAM is a private copy of that template, which stays the snapshot to use")
-        if record.ram_file is None or not replica.config.snapshottable:
-            raise RuntimeDriverError(
-                f"replica {replica.name} keeps its RAM in anonymous memory; only a replica "
-                "created snapshottable (RAM in a shared file, no free page reporting) can be "
-                "snapshotted: create it with snapshottable=True")
-        busy = open_connections(replica.pid or 0, {p.host_port for p in replica.config.ports})
-        if busy:
-            raise RuntimeDriverError(
-                f"replica {replica.name} has {busy} TCP connection(s) open on its published "
-                "ports; a restored clone could not carry them: snapshot it when it is idle")
-        facts = snapshot_facts(replica.argv, replica_dir=replica.dir, image=replica.config.image,
-                               accel=record.accel, network=replica.config.network)
-        snapshot_id = secrets.token_hex(6)
-        store = self.snapshots
-        directory = store.new_dir(snapshot_id)
-        qmp = Qmp(replica.dir / QMP_SOCK, timeout=5.0)
-        ram_tmp = directory / (RAM_FILE + ".tmp")
-        try:
-            paused = time.monotonic()
-            qmp.execute("stop")
-            try:
-                save_devices(qmp, directory / STATE_FILE)
-                saved = time.monotonic()
-                copied = copy_sparse(Path(record.ram_file), ram_tmp)
-            finally:
-                qmp.execute("cont")
-            resumed = time.monotonic()
-            with ram_tmp.open("rb+") as fh:  # durable before it is called a snapshot
-                os.fsync(fh.fileno())
-            ram_tmp.chmod(0o444)  # clones map it privately; nothing may change it
-            os.replace(ram_tmp, directory / RAM_FILE)
-        except BaseException:
-            store.discard(directory)
-            raise
-        state_bytes = (directory / STATE_FILE).stat().st_size
-        snap = Snapshot(id=snapshot_id, driver=self.kind, source_replica=replica.id,
-                        image_digest=replica.config.image.digest, created_at=utcnow(),
-                        location=str(directory), valid_for=facts_key(facts),
-                        size_bytes=state_bytes + allocated_bytes(directory / RAM_FILE))
-        stats = {"pause_ms": round((resumed - paused) * 1000, 1),
-                 "save_ms": round((saved - paused) * 1000, 1), "state_bytes": state_bytes,
-                 "ram_copied_bytes": copied, "memory_mib": replica.config.memory_mib}
-        store.save(StoredSnapshot(snap, directory, dict(facts), stats))
-        return snap
-
-    def restore(self, snapshot: Snapshot, config: ReplicaConfig) -> Replica:
-        """A new replica from ``snapshot``, running once this returns (and not before).
-
-        QEMU starts with the same command line the template ran with plus
-        ``-incoming defer`` over the template's RAM (private, copy-on-write);
-        the device state is loaded over QMP, the guest continued, and then
-        :meth:`_before_serving` runs. Only after that is the replica started:
-        the caller must route no request to it earlier. A snapshot not valid
-        for ``config`` is a :class:`SnapshotMismatchError` naming what differs;
-        any other failure removes the half-made replica and raises, so the
-        caller can boot one instead.
-        """
-        wanted = self._facts_for(config)
-        try:
-            snapshot.check(self.kind, facts_key(wanted))
-        except SnapshotMismatchError as exc:
-            saved = self._stored(snapshot).facts if snapshot.driver == self.kind else {}
-            what = differences(saved, wanted) if saved else []
-            raise SnapshotMismatchError(f"{exc}" + (f"; what differs: {'; '.join(what)}" if what else "")) from None
-        stored = self._stored(snapshot)
-        if not (stored.state.is_file() and stored.ram.is_file()):
-            raise RuntimeDriverError(f"snapshot {snapshot.id} in {stored.dir} lacks its state or RAM "
-                                     "file; remove it ('uniframe snapshot rm') and take a new one")
-        replica = self.create(config)
-        self._incoming[replica.id] = stored
-        try:
-            replica = self.start(replica.id)
-            qmp = Qmp(replica.dir / QMP_SOCK, timeout=5.0)
-            load_devices(qmp, stored.state)
-            qmp.execute("cont")
-            self._before_serving(replica)
-        except BaseException as exc:
-            self._incoming.pop(replica.id, None)
-            died = not self._alive(replica)  # QEMU exits when it cannot load a state
-            tail = "; ".join(qemu_log_tail(replica.dir / QEMU_LOG, 3).splitlines())
-            with contextlib.suppress(Exception):
-                self.remove(replica.id, force=True)
-            if isinstance(exc, Exception):
-                cause = f"QEMU exited: {tail}" if died and tail else str(exc)
-                raise RuntimeDriverError(f"restoring snapshot {snapshot.id} failed ({cause}); "
-                                         "boot a replica instead") from exc
-            raise
-        return replica
-
-    def _stored(self, snapshot: Snapshot) -> StoredSnapshot:
-        """The store's copy of ``snapshot`` (where its files are)."""
-        try:
-            return self.snapshots.get(snapshot.id)
-        except SnapshotNotFoundError:
-            raise RuntimeDriverError(
-                f"snapshot {snapshot.id} is not in {self.snapshots.root} (removed?); take a new "
-                "one, or boot a replica instead") from None
-
-    def _before_serving(self, replica: Replica) -> None:
-        """Runs after a restored clone continued and before anyone may route to it: the
-        place to give a clone its own identity, entropy and clock (none yet)."""
-        return None
+    def _replica_facts(self, replica: Replica) -> dict[str, Fact]:
+        return snapshot_facts(replica.argv, replica_dir=replica.dir, image=replica.config.image,
+                              accel=QemuRecord.of(replica).accel, network=replica.config.network,
+                              driver=self.kind)

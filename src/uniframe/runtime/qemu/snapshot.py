@@ -137,14 +137,17 @@ def cpu_model(argv: Sequence[str]) -> str:
 
 
 def snapshot_facts(argv: Sequence[str], *, replica_dir: Path | str, image: ImageRef,
-                   accel: str | None, network: str) -> dict[str, Fact]:
-    """Everything a restore must match, for a machine launched (or about to be) with ``argv``."""
+                   accel: str | None, network: str, driver: str = "qemu-microvm",
+                   more: dict[str, Fact] | None = None) -> dict[str, Fact]:
+    """Everything a restore must match, for a machine launched (or about to be) with ``argv``;
+    ``more``: a driver's own facts (a full VM's disk)."""
     qemu = argv[0]
     return {
-        "driver": "qemu-microvm",
+        **(more or {}),
+        "driver": driver,
         "qemu_version": qemu_version(qemu),
         "qemu_sha256": file_sha256(qemu),
-        "kernel_sha256": file_sha256(image.kernel),
+        "kernel_sha256": file_sha256(image.kernel) if image.kernel.is_file() else None,
         "image": image.digest,
         "argv": json.dumps(normalise_argv(argv, replica_dir=replica_dir, image=image)),
         "accel": accel,

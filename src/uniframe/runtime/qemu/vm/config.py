@@ -57,6 +57,7 @@ class VMConfig:
     cloud_init: CloudInitData | None = None
     ref: str = ""
     digest: str = ""
+    snapshottable: bool = False  # RAM in a shared file, so the replica can become a template
 
     @property
     def boot(self) -> str:
@@ -80,7 +81,7 @@ class VMConfig:
         """From the common config: its image's kernel sits in an image directory that names the disk."""
         image = load_image_dir(config.image.kernel.parent)
         return cls.from_image(image, name=config.name, cpus=config.cpus, memory_mib=config.memory_mib,
-                              ports=config.ports, accel=config.accel)
+                              ports=config.ports, accel=config.accel, snapshottable=config.snapshottable)
 
     @classmethod
     def for_disk(cls, disk: Path, **options: Any) -> VMConfig:
@@ -120,7 +121,8 @@ class VMConfig:
         image = ImageRef(self.ref or str(self.disk), self.digest, self.kernel or Path(),
                          self.initrd or Path(), self.cmdline)
         return ReplicaConfig(image=image, name=self.name, cpus=self.cpus, memory_mib=self.memory_mib,
-                             ports=self.ports, accel=self.accel, network="user")
+                             ports=self.ports, accel=self.accel, network="user",
+                             snapshottable=self.snapshottable)
 
     def extra(self) -> dict[str, Any]:
         return {"disk": str(self.disk), "boot": self.boot,
@@ -136,7 +138,7 @@ class VMConfig:
                    kernel=c.image.kernel if kernel_boot else None,
                    initrd=c.image.initrd if kernel_boot else None,
                    cmdline=c.image.cmdline, cloud_init=CloudInitData.from_json(ci) if ci else None,
-                   ref=c.image.ref, digest=c.image.digest)
+                   ref=c.image.ref, digest=c.image.digest, snapshottable=c.snapshottable)
 
 
 def _free_port() -> int:

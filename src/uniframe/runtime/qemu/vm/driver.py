@@ -21,6 +21,7 @@ down``) from a crash.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ from uniframe.runtime.qemu.microvm import (
     CONSOLE_SOCK,
     QEMU_LOG,
     QMP_SOCK,
-    QemuDriver,
+    GuestMemory,
     QemuRecord,
     console_chardev,
     launch_detached,
@@ -47,8 +48,10 @@ from uniframe.runtime.qemu.microvm import (
     user_netdev,
 )
 from uniframe.runtime.qemu.qmp import Qmp, QmpError
+from uniframe.runtime.qemu.snapshot import Fact, StoredSnapshot, snapshot_facts
+from uniframe.runtime.qemu.snapshot_driver import SnapshotTemplates
 from uniframe.runtime.qemu.vm.config import VMConfig
-from uniframe.runtime.qemu.vm.disks import create_overlay, inspect_disk
+from uniframe.runtime.qemu.vm.disks import DiskInfo, create_overlay, inspect_disk
 from uniframe.runtime.qemu.vm.machine import FullVM
 from uniframe.runtime.replica import Replica, ReplicaConfig, ReplicaState, ReplicaStatus
 
@@ -66,7 +69,7 @@ RESTART = b"reboot: Restarting system"
 PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 
 
-class QemuVMDriver(QemuDriver):
+class QemuVMDriver(SnapshotTemplates):
     """Create, start, stop, inspect and remove full-VM replicas on this host."""
 
     kind: ClassVar[str] = "qemu-vm"
@@ -107,23 +110,80 @@ class QemuVMDriver(QemuDriver):
         accel = choose_accel(vm.accel, kernel_factory=_probe_kernel)
         for name in (CONSOLE_SOCK, QMP_SOCK):
             (replica.dir / name).unlink(missing_ok=True)
-        seed = replica.dir / SEED
-        machine = FullVM(
-            qemu=qemu, disk=replica.dir / OVERLAY, cpus=vm.cpus, memory_mib=vm.memory_mib,
-            accel=accel.name, kernel=vm.kernel, initrd=vm.initrd, cmdline=vm.cmdline,
-            seed=seed if seed.exists() else None,
-            netdev=user_netdev([(p.host_ip, p.host_port, p.guest_port) for p in vm.ports]),
-            serial=console_chardev(replica.dir / CONSOLE_SOCK, replica.dir / CONSOLE_LOG),
-            qmp_socket=replica.dir / QMP_SOCK,
-        )
-        argv = machine.argv()
+        memory, pending = self._guest_memory(replica)
+        argv = self._machine(vm, replica.dir, qemu, accel.name, memory, pending is not None,
+                             seed=(replica.dir / SEED).exists()).argv()
+        record = QemuRecord(accel=accel.name, ram_file=str(memory.path) if memory is not None else None,
+                            restored_from=pending.snapshot.id if pending is not None else None)
         hostnet.claim_ports(self.root.parent, replica, vm.ports)  # hostfwd binds them
         try:
             proc = launch_detached(argv, replica.dir, replica.dir / QEMU_LOG)
         except BaseException:
-            self._release(replica)
+            self._release(record.on(replica))
             raise
-        return QemuRecord(accel=accel.name).on(replica.with_(argv=tuple(argv))), proc
+        return record.on(replica.with_(argv=tuple(argv))), proc
+
+    @staticmethod
+    def _machine(vm: VMConfig, directory: Path, qemu: str, accel: str, memory: GuestMemory | None,
+                 incoming: bool, *, seed: bool) -> FullVM:
+        """The machine for ``vm`` in ``directory``; one place, so a restore's key and its launch agree."""
+        return FullVM(
+            qemu=qemu, disk=directory / OVERLAY, cpus=vm.cpus, memory_mib=vm.memory_mib,
+            accel=accel, kernel=vm.kernel, initrd=vm.initrd, cmdline=vm.cmdline,
+            seed=directory / SEED if seed else None,
+            netdev=user_netdev([(p.host_ip, p.host_port, p.guest_port) for p in vm.ports]),
+            serial=console_chardev(directory / CONSOLE_SOCK, directory / CONSOLE_LOG),
+            qmp_socket=directory / QMP_SOCK, memory=memory, incoming=incoming,
+        )
+
+    def _release(self, replica: Replica) -> None:
+        """Its port claims and its own RAM file."""
+        super()._release(replica)
+        self._release_ram(replica)
+
+    # -- snapshots (the flow: runtime/qemu/snapshot_driver.py) ------------------------------
+    # A template also keeps the overlay (every guest write so far) and the cloud-init seed,
+    # copied while the guest is paused (its disks flushed and released by the migration); a
+    # clone's overlay reads from the template's, so a clone sees exactly the source's disk.
+
+    @staticmethod
+    def _disk_facts(vm: VMConfig) -> dict[str, Fact]:
+        """The backing disk (a user's disk has no image digest: its path, size and mtime) and
+        the cloud-init data the template booted with."""
+        st = vm.disk.stat()
+        return {"disk": f"{vm.disk} {st.st_size} {st.st_mtime_ns}",
+                "cloud_init": json.dumps(vm.cloud_init.to_json(), sort_keys=True) if vm.cloud_init else None}
+
+    def _facts_for(self, config: ReplicaConfig) -> dict[str, Fact]:
+        vm = VMConfig.from_replica_config(config)
+        accel = choose_accel(vm.accel, kernel_factory=_probe_kernel).name
+        placeholder = Path("/<replica>")
+        machine = self._machine(vm, placeholder, qemu_binary(), accel,
+                                GuestMemory(placeholder / "ram", shared=False), True,
+                                seed=vm.cloud_init is not None)
+        return snapshot_facts(machine.argv(), replica_dir=placeholder, image=config.image, accel=accel,
+                              network="user", driver=self.kind, more=self._disk_facts(vm))
+
+    def _replica_facts(self, replica: Replica) -> dict[str, Fact]:
+        return snapshot_facts(replica.argv, replica_dir=replica.dir, image=replica.config.image,
+                              accel=QemuRecord.of(replica).accel, network="user", driver=self.kind,
+                              more=self._disk_facts(VMConfig.of_replica(replica)))
+
+    def _template_files(self, replica: Replica) -> dict[str, Path]:
+        files = {OVERLAY: replica.dir / OVERLAY}
+        if (replica.dir / SEED).exists():
+            files[SEED] = replica.dir / SEED
+        return files
+
+    def _prepare_clone(self, replica: Replica, stored: StoredSnapshot) -> None:
+        """The clone's overlay over the template's (read-only from now on), its seed the template's."""
+        template_disk = stored.dir / OVERLAY
+        if not template_disk.is_file():
+            raise RuntimeDriverError(f"snapshot {stored.snapshot.id} has no {OVERLAY}; take a new one")
+        template_disk.chmod(0o444)
+        create_overlay(DiskInfo(template_disk, "qcow2", 0, 0), replica.dir / OVERLAY)
+        if (stored.dir / SEED).exists():
+            shutil.copyfile(stored.dir / SEED, replica.dir / SEED)
 
     def _how_it_ended(self, replica: Replica) -> ReplicaStatus:
         """How the guest went, from the end of its console (a PC has no exit status)."""

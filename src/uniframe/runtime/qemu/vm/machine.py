@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from uniframe.runtime.qemu.microvm import accel_args, qemu_opt
+from uniframe.runtime.qemu.microvm import RAM_ID, GuestMemory, accel_args, qemu_opt
 
 DEFAULT_TB_SIZE_MIB = 128
 
@@ -50,9 +50,12 @@ class FullVM:
     netdev: str | None = None       # e.g. "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:8080"
     serial: tuple[str, ...] = ("-serial", "stdio")
     qmp_socket: Path | None = None
+    memory: GuestMemory | None = None  # guest RAM in a file (snapshots); None: anonymous
+    incoming: bool = False             # wait for a migration stream (a restore)
 
     def argv(self) -> list[str]:
-        argv = [self.qemu, "-M", "q35", *accel_args(self.accel, self.tb_size or tb_size_mib()),
+        machine = "q35" if self.memory is None else f"q35,memory-backend={RAM_ID}"
+        argv = [self.qemu, "-M", machine, *accel_args(self.accel, self.tb_size or tb_size_mib()),
                 "-smp", str(self.cpus), "-m", f"{self.memory_mib}M",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-drive", f"file={qemu_opt(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap"]
@@ -70,4 +73,8 @@ class FullVM:
         argv += ["-device", "virtio-rng-pci", *self.serial]
         if self.qmp_socket is not None:
             argv += ["-qmp", f"unix:{qemu_opt(self.qmp_socket)},server=on,wait=off"]
+        if self.memory is not None:
+            argv += ["-object", self.memory.backend(self.memory_mib)]
+        if self.incoming:
+            argv += ["-incoming", "defer"]
         return argv
