@@ -184,7 +184,7 @@ def spawn(tmp_path: Path, model: Path) -> Iterator[Callable[..., Replica]]:
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
     log = tmp_path / "proxy.log"
-    ep = Endpoint.start("iris", admin_port=0, log=log, check_interval=0.5, queue_timeout=0.0)
+    ep = Endpoint.start("iris", admin_port=0, log=log, check_interval=0.5, activation_timeout=0.0)
     try:
         yield ep
     finally:
@@ -364,7 +364,8 @@ def test_a_replica_that_hangs_up_without_answering_costs_a_retry_not_an_error(
 def test_no_ready_replica_is_503_and_dead_replicas_502(endpoint: Endpoint) -> None:
     status, body = _post(endpoint)
     assert status == 503
-    assert json.loads(body) == {"error": "service iris has no ready replica"}
+    assert json.loads(body) == {"error": "service iris has no ready replica", "service": "iris",
+                                "reason": "no-ready-replica"}
     dead = []
     for name in ("d1", "d2"):
         with socket.socket() as s:  # a port nobody listens on
@@ -384,17 +385,17 @@ def test_no_ready_replica_is_503_and_dead_replicas_502(endpoint: Endpoint) -> No
 
 
 def test_a_request_waits_briefly_for_a_replica_to_come(tmp_path: Path, replicas: list[Replica]) -> None:
-    with Endpoint.start("iris", queue_timeout=5.0, log=tmp_path / "proxy.log") as ep:
+    with Endpoint.start("iris", activation_timeout=5.0, log=tmp_path / "proxy.log") as ep:
         result: list[tuple[int, bytes]] = []
         t0 = time.monotonic()
         waiter = threading.Thread(target=lambda: result.append(_post(ep)))
         waiter.start()
         time.sleep(0.4)
-        assert ep.status().queued == 1
+        assert ep.status().held == 1
         ep.add(replicas[0].backend())
         waiter.join()
         assert result[0][0] == 200 and time.monotonic() - t0 >= 0.4
-        assert ep.status().queued == 0
+        assert ep.status().held == 0
 
 
 def test_health_checks_take_a_draining_replica_out_and_bring_it_back(

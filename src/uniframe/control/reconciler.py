@@ -50,7 +50,7 @@ from uniframe.build.store import Image, ImageStore
 from uniframe.control import planner
 from uniframe.control.autoscaler import Decision, Settings
 from uniframe.control.autoscaling import Autoscalers, Load, describe_change
-from uniframe.control.endpoints import Endpoints
+from uniframe.control.endpoints import Endpoints, activation_of
 from uniframe.control.health import Liveness
 from uniframe.control.hostpaths import PathPolicy
 from uniframe.control.proxy import Backend
@@ -189,6 +189,8 @@ class Reconciler:
         self.log = log or (lambda _m: None)
         self.endpoints = endpoints or Endpoints(
             store, state_root / "endpoints" if state_root else None, host=endpoint_host)
+        # An endpoint holding requests with no ready replica wakes the loop now, not next period.
+        self.endpoints.on_demand(self.wake_service)
         self.liveness = Liveness()
         self._image_cache: dict[tuple[str, str], Image] = {}
         self._trouble: dict[str, _Trouble] = {}  # object ref -> its last pass's failure
@@ -854,7 +856,8 @@ class Reconciler:
                             ready=r.state == READY)
                     for r in replicas if r.host_port is not None]
         try:
-            self.endpoints.sync(obj.name, target.service_port, backends, weights)
+            self.endpoints.sync(obj.name, target.service_port, backends, weights,
+                                activation_of(obj.spec))
         except UniframeError as exc:
             return exc
         return None

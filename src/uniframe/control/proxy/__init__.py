@@ -9,6 +9,7 @@ answering (inference is idempotent). Pieces:
 - :mod:`.endpoint` — :class:`Endpoint`, the daemon's typed handle (start, command, observe, stop);
 - :mod:`.server` — the relay's epoll loop, run as ``python -m uniframe.control.proxy``;
 - :mod:`.commands` — what the reconciler can tell it (the control socket's JSON commands);
+- :mod:`.activator` — requests held while no replica is ready, and the daemon told at once;
 - :mod:`.balancer` — least outstanding requests, weighted groups for canaries;
 - :mod:`.framing` — where HTTP/1.1 messages end, without reading what they say;
 - :mod:`.metrics` — Prometheus text.

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from uniframe.control.proxy.activator import ACTIVATION_TIMEOUT
 from uniframe.control.proxy.server import ProxyConfig, ProxyServer
 
 
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", type=_backend, action="append", default=[], metavar="ID=HOST:PORT[@GROUP]")
     ap.add_argument("--weight", type=_weight, action="append", default=[], metavar="GROUP=WEIGHT")
     ap.add_argument("--retries", type=int, default=2)
-    ap.add_argument("--queue-timeout", type=float, default=1.0)
+    ap.add_argument("--activation-timeout", type=float, default=ACTIVATION_TIMEOUT,
+                    help="seconds a request is held while no replica is ready (0: 503 at once)")
+    ap.add_argument("--queue-limit", type=int, default=1024, help="requests held at most")
+    ap.add_argument("--retry-after", type=int, default=1, help="Retry-After of the endpoint's 503s")
     ap.add_argument("--connect-timeout", type=float, default=2.0)
     ap.add_argument("--response-timeout", type=float, default=60.0)
     ap.add_argument("--check-interval", type=float, default=2.0)
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ProxyConfig(
         service=args.service, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, control_path=args.control, retries=args.retries,
-        queue_timeout=args.queue_timeout, connect_timeout=args.connect_timeout,
+        activation_timeout=args.activation_timeout, queue_limit=args.queue_limit,
+        retry_after=args.retry_after, connect_timeout=args.connect_timeout,
         response_timeout=args.response_timeout, check_interval=args.check_interval,
         recheck_interval=args.recheck_interval, drain_timeout=args.drain_timeout,
     )

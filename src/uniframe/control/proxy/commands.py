@@ -47,6 +47,8 @@ def apply(server: ProxyServer, command: dict[str, Any]) -> dict[str, Any]:
         elif op == "set_weights":
             server.balancer.weights = weights(command.get("weights"))
             server.backends_changed()
+        elif op == "configure":
+            configure(server, command)
         elif op == "status":
             return {"ok": True, "status": server.status()}
         elif op == "metrics":
@@ -55,11 +57,31 @@ def apply(server: ProxyServer, command: dict[str, Any]) -> dict[str, Any]:
             server.shutdown()
         else:
             return {"ok": False, "error": f"unknown command {op!r}; commands: set_backends, add, remove, "
-                                          "drain, set_ready, set_weights, status, metrics, stop"}
+                                          "drain, set_ready, set_weights, configure, status, metrics, "
+                                          "subscribe, stop"}
     except (KeyError, TypeError, ValueError) as exc:
         text = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         return {"ok": False, "error": f"{op}: {text}"}
     return {"ok": True}
+
+
+def configure(server: ProxyServer, command: dict[str, Any]) -> None:
+    """Change how requests are held with no ready replica (the service's spec may change them).
+
+    ``activation_timeout`` (seconds, >= 0; 0 answers 503 at once), ``queue_limit``
+    (>= 0) and ``retry_after`` (seconds, >= 0), each optional; checked whole before
+    anything changes. Requests already held are judged by the new timeout.
+    """
+    cfg = server.config
+    timeout, limit, retry = (command.get("activation_timeout", cfg.activation_timeout),
+                             command.get("queue_limit", cfg.queue_limit),
+                             command.get("retry_after", cfg.retry_after))
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 <= timeout < 1e6:
+        raise ValueError(f"activation_timeout must be seconds (a number >= 0), got {timeout!r}")
+    for name, value in (("queue_limit", limit), ("retry_after", retry)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    cfg.activation_timeout, cfg.queue_limit, cfg.retry_after = float(timeout), limit, retry
 
 
 def find(server: ProxyServer, backend_id: str) -> BackendState:

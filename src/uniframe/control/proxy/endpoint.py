@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from uniframe.control.proxy.activator import ACTIVATION_TIMEOUT
 from uniframe.errors import UniframeError
 
 
@@ -84,7 +85,11 @@ class EndpointStatus:
     codes: dict[int, int]
     retries: int
     upstream_errors: int
-    queued: int
+    held: int  # requests waiting for a ready replica (demand an autoscaler must count)
+    in_flight: int  # requests on replicas now
+    demands: int  # times the endpoint told its subscribers it holds requests (see activator)
+    activation_timeout: float
+    queue_limit: int
     clients: int
     weights: dict[str, int]
     backends: tuple[BackendStatus, ...]
@@ -128,7 +133,9 @@ class Endpoint:
         backends: Iterable[Backend] = (),
         weights: Mapping[str, int] | None = None,
         retries: int = 2,
-        queue_timeout: float = 1.0,
+        activation_timeout: float = ACTIVATION_TIMEOUT,
+        queue_limit: int = 1024,
+        retry_after: int = 1,
         connect_timeout: float = 2.0,
         response_timeout: float = 60.0,
         check_interval: float = 2.0,
@@ -145,7 +152,8 @@ class Endpoint:
         argv = [
             sys.executable, "-m", "uniframe.control.proxy", "--service", service,
             "--host", host, "--port", str(port), "--control", str(control_path),
-            "--retries", str(retries), "--queue-timeout", str(queue_timeout),
+            "--retries", str(retries), "--activation-timeout", str(activation_timeout),
+            "--queue-limit", str(queue_limit), "--retry-after", str(retry_after),
             "--connect-timeout", str(connect_timeout), "--response-timeout", str(response_timeout),
             "--check-interval", str(check_interval), "--recheck-interval", str(recheck_interval),
             "--drain-timeout", str(drain_timeout),
@@ -287,12 +295,55 @@ class Endpoint:
         """
         self._call({"op": "set_weights", "weights": dict(weights) if weights is not None else None})
 
+    def configure(self, *, activation_timeout: float | None = None, queue_limit: int | None = None,
+                  retry_after: int | None = None) -> None:
+        """Change how requests are held while no replica is ready (None: leave as it is)."""
+        command: dict[str, Any] = {"op": "configure"}
+        for key, value in (("activation_timeout", activation_timeout), ("queue_limit", queue_limit),
+                           ("retry_after", retry_after)):
+            if value is not None:
+                command[key] = value
+        self._call(command)
+
+    def subscribe(self, timeout: float = 10.0) -> socket.socket:
+        """A new control connection that carries the endpoint's event lines from now on.
+
+        Each line is a JSON object; ``{"event": "demand", "service": ..., "held": N}``
+        says requests are held with no ready replica (see :mod:`.activator`). The
+        connection is separate from the one commands use, so an event never lands
+        where a command's reply is expected. The caller owns (and closes) it; it
+        reaches EOF when the endpoint stops.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(self.control_path))
+            sock.sendall(b'{"op": "subscribe"}\n')
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(1)  # byte by byte: an event may follow the reply at once
+                if not chunk:
+                    raise ConnectionResetError("the endpoint closed the connection")
+                reply += chunk
+            if not json.loads(reply).get("ok"):
+                raise EndpointError(f"endpoint of service {self.service} refused to subscribe: {reply!r}")
+        except OSError as exc:
+            sock.close()
+            raise EndpointError(f"cannot subscribe to the endpoint of service {self.service} at "
+                                f"{self.control_path}: {exc}; is its process running?") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def status(self) -> EndpointStatus:
         raw = self._call({"op": "status"})["status"]
         return EndpointStatus(
             service=raw["service"], host=raw["host"], port=raw["port"], admin_port=raw["admin_port"],
             requests=raw["requests"], codes={int(k): v for k, v in raw["codes"].items()},
-            retries=raw["retries"], upstream_errors=raw["upstream_errors"], queued=raw["queued"],
+            retries=raw["retries"], upstream_errors=raw["upstream_errors"], held=raw["held"],
+            in_flight=raw["in_flight"], demands=raw["demands"],
+            activation_timeout=raw["activation_timeout"], queue_limit=raw["queue_limit"],
             clients=raw["clients"], weights=raw["weights"],
             backends=tuple(BackendStatus(**b) for b in raw["backends"]),
         )

@@ -16,7 +16,7 @@ def _esc(value: str) -> str:
 
 
 def render(service: str, codes: Mapping[int, int], retries: int, upstream_errors: Mapping[str, int],
-           queued: int, clients: int, backends: Iterable[BackendState]) -> bytes:
+           held: int, demands: int, clients: int, backends: Iterable[BackendState]) -> bytes:
     svc = f'service="{_esc(service)}"'
     out: list[str] = []
 
@@ -35,8 +35,11 @@ def render(service: str, codes: Mapping[int, int], retries: int, upstream_errors
            "Upstream connections that failed before a complete response, by kind.")
     for kind, n in sorted(upstream_errors.items()):
         out.append(f'uniframe_proxy_upstream_errors_total{{{svc},kind="{kind}"}} {n}')
-    family("uniframe_proxy_queued", "gauge", "Requests waiting for a ready replica.")
-    out.append(f"uniframe_proxy_queued{{{svc}}} {queued}")
+    family("uniframe_proxy_queued", "gauge", "Requests held waiting for a ready replica.")
+    out.append(f"uniframe_proxy_queued{{{svc}}} {held}")
+    family("uniframe_proxy_demands_total", "counter",
+           "Times the endpoint told the daemon it holds requests with no ready replica.")
+    out.append(f"uniframe_proxy_demands_total{{{svc}}} {demands}")
     family("uniframe_proxy_client_connections", "gauge", "Open client connections.")
     out.append(f"uniframe_proxy_client_connections{{{svc}}} {clients}")
     rows = [(f'{svc},backend="{_esc(b.id)}",group="{_esc(b.group)}"', b) for b in backends]

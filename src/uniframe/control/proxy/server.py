@@ -26,13 +26,13 @@ with ``GET /v2/health/ready`` (every ``check_interval`` seconds, and every
 ``recheck_interval`` while out), which also catches a replica that drains
 (the model server answers 503 there from its SIGTERM on).
 
-With no replica ready a request waits up to ``queue_timeout`` seconds for one
-(a replica restarting, the reconciler adding one) and is then answered 503.
+With no replica ready a request is held (:mod:`.activator`): up to
+``activation_timeout`` seconds, at most ``queue_limit`` of them, while the
+daemon, told at once, starts a replica; then released to the first ready one.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import gc
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from uniframe.control.proxy import commands, metrics
+from uniframe.control.proxy.activator import ACTIVATION_TIMEOUT, Activator
 from uniframe.control.proxy.balancer import BackendState, Balancer
 from uniframe.control.proxy.framing import (
     ChunkScanner,
@@ -84,8 +85,10 @@ class ProxyConfig:
     admin_port: int | None = None  # Prometheus /metrics and JSON /status; None: no admin port
     control_path: str | None = None  # unix socket for JSON commands; None: no control channel
     retries: int = 2  # further replicas tried after the first fails before answering
-    queue_timeout: float = 1.0  # how long a request waits for a ready replica; 0: 503 at once
-    queue_limit: int = 1024
+    activation_timeout: float = ACTIVATION_TIMEOUT  # how long a request is held for a ready
+    #                                                 replica; 0: 503 at once
+    queue_limit: int = 1024  # requests held at most; one more is answered 503 at once
+    retry_after: int = 1  # seconds, in the Retry-After of the endpoint's own 503s
     connect_timeout: float = 2.0
     response_timeout: float = 60.0  # silence from a replica, per request, before 504
     check_interval: float = 2.0
@@ -126,7 +129,7 @@ class Client:
 class Exchange:
     """One request from the moment it is read until its response is relayed (or given up)."""
 
-    __slots__ = ("backend", "client", "data", "errors", "is_head", "keep_alive", "queued_at",
+    __slots__ = ("backend", "client", "data", "errors", "held", "is_head", "keep_alive", "queued_at",
                  "remaining", "resp", "scanner", "sent", "stale", "tried", "upstream")
 
     def __init__(self, client: Client, data: bytes, head: RequestHead) -> None:
@@ -144,6 +147,7 @@ class Exchange:
         self.remaining = 0
         self.sent = False  # a response byte went to the client: no retry from here on
         self.queued_at = 0.0
+        self.held = False  # waiting in the activator's queue for a ready replica
 
 
 class Upstream:
@@ -215,7 +219,7 @@ class ProxyServer:
         self.retries = 0
         self.upstream_errors: dict[str, int] = {}
         self.clients: dict[int, Client] = {}
-        self.queue: collections.deque[Exchange] = collections.deque()
+        self.activator = Activator(self)
         self._checks: dict[int, _Check] = {}
         self._handlers: dict[int, tuple[Callable[[Any, int], None], Any]] = {}
         self._ep = select.epoll()
@@ -387,7 +391,7 @@ class ProxyServer:
     def _start(self, c: Client, head: RequestHead, data: bytes) -> None:
         ex = Exchange(c, data, head)
         c.exchange = ex
-        self._dispatch(ex)
+        self.dispatch(ex)
 
     def _send_client(self, c: Client, data: bytes | bytearray) -> None:
         if c.outbuf:
@@ -470,6 +474,7 @@ class ProxyServer:
         if ex is not None:
             c.exchange = None
             ex.client = None
+            self.activator.forget(ex)
             up = ex.upstream
             if up is not None:  # the answer would have nowhere to go: this connection cannot be reused
                 self._release(ex, up, reuse=False)
@@ -481,7 +486,8 @@ class ProxyServer:
 
     # -- choosing and reaching a replica ---------------------------------------------------
 
-    def _dispatch(self, ex: Exchange) -> None:
+    def dispatch(self, ex: Exchange) -> None:
+        """Send ``ex`` to the replica the balancer picks; none eligible: the activator holds it."""
         b = self.balancer.pick(ex.tried) if ex.tried else self.balancer.pick()
         fresh = False
         if b is None:
@@ -492,7 +498,7 @@ class ProxyServer:
                 self._give_up(ex)
                 return
             else:
-                self._enqueue(ex)
+                self.activator.hold(ex)
                 return
         up: Upstream | None = None
         if not fresh and b.idle:
@@ -756,7 +762,7 @@ class ProxyServer:
         ex.tried.add(b.id)
         if reused:
             ex.stale = b
-        self._dispatch(ex)
+        self.dispatch(ex)
 
     def _bad_upstream(self, ex: Exchange, up: Upstream, reason: str) -> None:
         """A replica answered something that is not HTTP we can relay: 502, and no retry."""
@@ -772,29 +778,18 @@ class ProxyServer:
         if ex.sent:
             self._close_client(c)
             return
-        self._reply(ex, 502, f"service {self.service}: replica {b.id} {reason}")
+        self.reply(ex, 502, f"service {self.service}: replica {b.id} {reason}")
 
     def _give_up(self, ex: Exchange) -> None:
         tried = "; ".join(ex.errors or [])
-        self._reply(ex, 502, f"service {self.service}: no replica answered ({tried})")
+        self.reply(ex, 502, f"service {self.service}: no replica answered ({tried})")
 
-    def _enqueue(self, ex: Exchange) -> None:
-        cfg = self.config
-        if cfg.queue_timeout <= 0 or len(self.queue) >= cfg.queue_limit or self.stopping:
-            self._reply(ex, 503, f"service {self.service} has no ready replica")
-            return
-        ex.queued_at = self.now
-        self.queue.append(ex)
+    def reply(self, ex: Exchange, status: int, message: str, *, extra: dict[str, str] | None = None,
+              headers: bytes = b"") -> None:
+        """The proxy's own answer to a request it could not relay; the connection stays usable.
 
-    def _drain_queue(self) -> None:
-        queue = self.queue
-        while queue and self.balancer.has_eligible():
-            ex = queue.popleft()
-            if ex.client is not None:
-                self._dispatch(ex)
-
-    def _reply(self, ex: Exchange, status: int, message: str) -> None:
-        """The proxy's own answer to a request it could not relay; the connection stays usable."""
+        The body is ``{"error": message}`` plus ``extra``; ``headers`` are raw header lines.
+        """
         c = ex.client
         if c is None:
             return
@@ -802,17 +797,19 @@ class ProxyServer:
         ex.client = None
         self._count(status)
         keep = ex.keep_alive and not self.stopping
-        self._send_client(c, self._error_response(status, message, keep=keep, head=ex.is_head))
+        self._send_client(c, self._error_response(status, message, keep=keep, head=ex.is_head,
+                                                  extra=extra, headers=headers))
         if not keep:
             self._finish_client(c)
         else:
             self._resume(c)
 
-    def _error_response(self, status: int, message: str, *, keep: bool, head: bool = False) -> bytes:
-        body = json.dumps({"error": message}).encode()
-        return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
-            status, REASONS.get(status, b"Error"), len(body), b"" if keep else b"Connection: close\r\n",
-            b"" if head else body,
+    def _error_response(self, status: int, message: str, *, keep: bool, head: bool = False,
+                        extra: dict[str, str] | None = None, headers: bytes = b"") -> bytes:
+        body = json.dumps({"error": message, **(extra or {})}).encode()
+        return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+            status, REASONS.get(status, b"Error"), len(body), headers,
+            b"" if keep else b"Connection: close\r\n", b"" if head else body,
         )
 
     def _count(self, status: int) -> None:
@@ -834,7 +831,7 @@ class ProxyServer:
             self.close_idle(b)
         self.balancer.rebuild()
         if healthy:
-            self._drain_queue()
+            self.activator.release()
 
     def reported_ready(self, b: BackendState) -> None:
         """The reconciler reports ``b`` ready, having just probed it itself.
@@ -918,11 +915,7 @@ class ProxyServer:
         for chk in list(self._checks.values()):
             if now > chk.deadline:
                 self._check_done(chk, False, f"did not answer {cfg.check_path} within {cfg.check_timeout:g} s")
-        queue = self.queue
-        while queue and (queue[0].client is None or now - queue[0].queued_at > cfg.queue_timeout):
-            expired = queue.popleft()
-            if expired.client is not None:
-                self._reply(expired, 503, f"service {self.service} has no ready replica")
+        self.activator.sweep(now)
         for c in list(self.clients.values()):
             ex = c.exchange
             if ex is None:
@@ -947,7 +940,7 @@ class ProxyServer:
                 if ex.sent:
                     self._close_client(c)
                 else:
-                    self._reply(ex, 504, f"service {self.service}: replica {b.id} did not answer "
+                    self.reply(ex, 504, f"service {self.service}: replica {b.id} did not answer "
                                          f"within {cfg.response_timeout:g} s")
 
     # -- the control channel ---------------------------------------------------------------
@@ -959,7 +952,7 @@ class ProxyServer:
     def backends_changed(self) -> None:
         """Membership, readiness or weights changed: recompute the rotation, serve who waited."""
         self.balancer.rebuild()
-        self._drain_queue()
+        self.activator.release()
 
     def close_idle(self, b: BackendState) -> None:
         """Close the replica's pooled connections; those carrying a request close when it is done."""
@@ -976,7 +969,11 @@ class ProxyServer:
             "codes": {str(k): v for k, v in sorted(self.codes.items())},
             "retries": self.retries,
             "upstream_errors": sum(self.upstream_errors.values()),
-            "queued": len(self.queue),
+            "held": self.activator.held,
+            "in_flight": sum(b.outstanding for b in self.balancer.backends.values()),
+            "demands": self.activator.demands,
+            "activation_timeout": self.config.activation_timeout,
+            "queue_limit": self.config.queue_limit,
             "clients": len(self.clients),
             "weights": dict(self.balancer.weights),
             "backends": [b.describe() for b in self.balancer.backends.values()],
@@ -984,7 +981,8 @@ class ProxyServer:
 
     def render_metrics(self) -> bytes:
         return metrics.render(self.service, self.codes, self.retries, self.upstream_errors,
-                              len(self.queue), len(self.clients), self.balancer.backends.values())
+                              self.activator.held, self.activator.demands, len(self.clients),
+                              self.balancer.backends.values())
 
     def _accept_line(self, listener: socket.socket, handler: Callable[[_Line, int], None]) -> None:
         """A new connection on the control socket or the admin port, read by ``handler``."""
@@ -1001,7 +999,7 @@ class ProxyServer:
 
     def _on_control(self, conn: _Line, ev: int) -> None:
         if ev & OUT:
-            self._flush_line(conn)
+            self.flush_line(conn)
         if not ev & (IN | BAD):
             return
         try:
@@ -1011,7 +1009,7 @@ class ProxyServer:
         except OSError:
             data = b""
         if not data:
-            self._close_line(conn)
+            self.close_line(conn)
             return
         conn.inbuf += data
         while (nl := conn.inbuf.find(b"\n")) >= 0:
@@ -1021,24 +1019,29 @@ class ProxyServer:
                 command = json.loads(raw)
                 if not isinstance(command, dict):
                     raise ValueError("a command is a JSON object")
+                if command.get("op") == "subscribe":  # from here on a stream of event lines
+                    conn.outbuf += b'{"ok": true}\n'
+                    self.activator.subscribe(conn)
+                    continue
                 reply = self.apply(command)
             except ValueError as exc:
                 reply = {"ok": False, "error": f"malformed command: {exc}"}
             conn.outbuf += json.dumps(reply).encode() + b"\n"
-        self._flush_line(conn)
+        self.flush_line(conn)
 
-    def _flush_line(self, conn: _Line) -> None:
+    def flush_line(self, conn: _Line) -> None:
         try:
             sent = conn.sock.send(conn.outbuf)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._close_line(conn)
+            self.close_line(conn)
             return
         del conn.outbuf[:sent]
         self._ep.modify(conn.fd, IN | OUT if conn.outbuf else IN)
 
-    def _close_line(self, conn: _Line) -> None:
+    def close_line(self, conn: _Line) -> None:
+        self.activator.unsubscribe(conn)
         self._unregister(conn.fd)
         conn.sock.close()
 
@@ -1058,13 +1061,13 @@ class ProxyServer:
         except OSError:
             data = b""
         if not data:
-            self._close_line(conn)
+            self.close_line(conn)
             return
         conn.inbuf += data
         end = conn.inbuf.find(b"\r\n\r\n")
         if end < 0:
             if len(conn.inbuf) > 65536:
-                self._close_line(conn)
+                self.close_line(conn)
             return
         parts = bytes(conn.inbuf[: conn.inbuf.find(b"\r\n")]).split(b" ")
         path = parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
@@ -1087,11 +1090,11 @@ class ProxyServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close_line(conn)
+            self.close_line(conn)
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
-            self._close_line(conn)
+            self.close_line(conn)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -1148,10 +1151,7 @@ class ProxyServer:
             self._unregister(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            while self.queue:
-                ex = self.queue.popleft()
-                if ex.client is not None:
-                    self._reply(ex, 503, f"service {self.service} is shutting down")
+            self.activator.stop()
         busy = any(c.exchange is not None or c.outbuf for c in self.clients.values())
         return not busy or now > self._stop_at
 
