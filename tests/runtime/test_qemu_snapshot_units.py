@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from uniframe.cli.app import app
 from uniframe.cli.main import main  # noqa: F401  (registers every command on app)
+from uniframe.errors import RuntimeDriverError
 from uniframe.runtime.qemu.driver import QemuMicroVMDriver
 from uniframe.runtime.qemu.microvm import GuestMemory, MicroVM, console_chardev, user_netdev
 from uniframe.runtime.qemu.snapshot import (
@@ -222,3 +223,14 @@ def test_snapshot_cli_lists_inspects_and_removes(tmp_path: Path, monkeypatch: py
     assert gone.exit_code == 0 and not (tmp_path / "snapshots" / "cafe01").exists()
     missing = runner.invoke(app, ["snapshot", "rm", "cafe01"])
     assert missing.exit_code == 2 and "no snapshot 'cafe01'" in missing.output
+
+
+def test_a_snapshot_taken_under_another_state_root_is_found_by_its_location(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = _stored(SnapshotStore(tmp_path / "other" / "snapshots"), "feed01")
+    monkeypatch.setenv("UNIFRAME_STATE", str(tmp_path / "st"))
+    driver = QemuMicroVMDriver()
+    assert driver._stored(elsewhere.snapshot).dir == elsewhere.dir
+    gone = replace(elsewhere.snapshot, id="feed02")
+    with pytest.raises(RuntimeDriverError, match=r"snapshot feed02 is not in .*take a new one"):
+        driver._stored(gone)

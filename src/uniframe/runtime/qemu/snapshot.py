@@ -222,7 +222,8 @@ class SnapshotStore:
         os.replace(tmp, stored.dir / SNAPSHOT_FILE)
 
     @staticmethod
-    def _load(directory: Path) -> StoredSnapshot:
+    def load(directory: Path) -> StoredSnapshot:
+        """The snapshot in ``directory`` (OSError, ValueError or KeyError if it is none)."""
         data = json.loads((directory / SNAPSHOT_FILE).read_text())
         return StoredSnapshot(Snapshot.from_json(data), directory, dict(data.get("facts", {})),
                               dict(data.get("stats", {})))
@@ -234,7 +235,7 @@ class SnapshotStore:
         found = []
         for d in self.root.iterdir():
             with contextlib.suppress(OSError, ValueError, KeyError):
-                found.append(self._load(d))
+                found.append(self.load(d))
         return sorted(found, key=lambda s: (s.snapshot.created_at, s.snapshot.id))
 
     def get(self, ref: str) -> StoredSnapshot:

@@ -223,6 +223,11 @@ class SnapshotTemplates(QemuDriver):
         try:
             return self.snapshots.get(snapshot.id)
         except SnapshotNotFoundError:
+            # taken under another state root: its record says where its files are
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                found = SnapshotStore.load(Path(snapshot.location))
+                if found.snapshot.id == snapshot.id:
+                    return found
             raise RuntimeDriverError(
                 f"snapshot {snapshot.id} is not in {self.snapshots.root} (removed?); take a new "
                 "one, or boot a replica instead") from None
