@@ -267,6 +267,39 @@ def test_a_new_subscriber_is_told_at_once_that_requests_are_held(tmp_path: Path)
             held.close()
 
 
+def test_a_starting_replica_that_answers_while_requests_are_held_wakes_the_daemon(
+        tmp_path: Path, replicas: list[_Recording]) -> None:
+    """So its readiness probe runs now, not at the reconciler's next periodic pass."""
+    with socket.socket() as reserved:  # the replica's port, taken but not listening yet
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        with Endpoint.start("iris", activation_timeout=20, log=tmp_path / "proxy.log") as ep:
+            events = ep.subscribe()
+            held = _send_raw(ep.port)
+            try:
+                assert len(_events(events, 0.5)) == 1  # the demand
+                ep.add(Backend("starting", "127.0.0.1", port, ready=False))
+                _until("its check is refused", lambda: not ep.status().backend("starting").healthy)
+                assert _events(events, 0.3) == []  # refused: nothing to say
+                reserved.close()
+                server = _Threaded("starting", 0.0, _Replica)
+                server.server_close()
+                server.socket = socket.create_server(("127.0.0.1", port))
+                threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                 daemon=True).start()
+                replicas.append(server)
+                began = time.monotonic()
+                lines = _events(events, 1.0)
+                assert [e["event"] for _, e in lines] == ["demand"], lines
+                assert lines[0][0] - began < 0.3  # checked every 50 ms while requests are held
+                assert ep.status().held == 1  # still the reconciler's word that releases it
+                ep.set_ready("starting", True)
+                assert _answer(held)[0] == 200
+            finally:
+                events.close()
+                held.close()
+
+
 def test_scaling_to_zero_drains_first_and_loses_no_request(
         tmp_path: Path, replicas: list[_Recording]) -> None:
     """What the reconciler does to the last replica, under concurrent clients: drain (no new

@@ -24,7 +24,10 @@ is repeated every ``DEMAND_REPEAT`` seconds, so a wake the daemon missed (it
 was busy, or restarting) is not lost; and a daemon that subscribes while
 requests are held is told at once, which is how the wake survives a daemon
 restart (the endpoint keeps holding meanwhile; the new daemon re-attaches and
-subscribes on its first pass).
+subscribes on its first pass). A replica started for held requests is checked
+by the endpoint every ``STARTING_RECHECK`` seconds, and the first check it
+passes is another demand line, so the daemon's readiness probe follows at
+once instead of at its next periodic pass.
 
 The held count is part of the endpoint's status (``held``, beside
 ``in_flight``), so an autoscaler counts held requests as demand and a
@@ -38,10 +41,12 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from uniframe.control.proxy.balancer import BackendState
     from uniframe.control.proxy.server import Exchange, ProxyServer, _Line
 
 ACTIVATION_TIMEOUT = 30.0  # seconds a request is held by default (a service's spec may say otherwise)
 DEMAND_REPEAT = 2.0  # seconds between reminders while requests stay held with no replica
+STARTING_RECHECK = 0.05  # seconds between checks of a starting replica while requests are held
 SUBSCRIBER_BACKLOG = 64 << 10  # unread event bytes before a subscriber is dropped
 
 
@@ -84,6 +89,23 @@ class Activator:
         self.held += 1
         self.queue.append(ex)
         self._want_replica()
+
+    def checked_starting(self, b: BackendState, ok: bool) -> None:
+        """A replica the reconciler does not call ready yet was health-checked.
+
+        While requests are held, the reconciler would otherwise notice the new
+        replica is ready only at its next pass (up to its period, a second or
+        more, on top of a cold start that should take a fraction of one). So a
+        starting replica is checked every ``STARTING_RECHECK`` seconds, and the
+        first check it passes wakes the daemon (a demand line), whose pass
+        probes it, calls it ready, and so releases the held requests.
+        """
+        if not self.held:
+            return
+        if ok:
+            self._announce()
+        else:
+            b.next_check = self.server.now + STARTING_RECHECK
 
     def forget(self, ex: Exchange) -> None:
         """The client of a held exchange went away: it no longer counts (it leaves the queue later)."""

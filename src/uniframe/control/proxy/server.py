@@ -903,6 +903,8 @@ class ProxyServer:
         b.next_check = self.now + (cfg.check_interval if ok else cfg.recheck_interval)
         if not b.removed:
             self._set_health(b, ok, f"{reason} (health check)")
+            if not b.ready:
+                self.activator.checked_starting(b, ok)
 
     # -- timers ----------------------------------------------------------------------------
 
