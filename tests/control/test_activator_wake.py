@@ -26,8 +26,10 @@ from fake_runtime import fake_registry
 from uniframe.build.examples import write_iris
 from uniframe.build.store import ImageStore
 from uniframe.control.endpoints import Activation, Endpoints, activation_of
+from uniframe.control.proxy.unixsock import bind_private, private_dir
 from uniframe.control.reconciler import READY, Reconciler
 from uniframe.control.store import ObjectRecord, Store
+from uniframe.runtime.verify import free_port
 from uniframe.spec import load_data
 
 SVC = "InferenceService"
@@ -95,6 +97,58 @@ def test_endpoints_call_back_once_per_burst_and_again_after_a_daemon_restart(tmp
                 s.close()
             second.remove("svc")
             second.close()
+
+
+def test_an_endpoint_left_by_a_daemon_older_than_the_activator_is_replaced(tmp_path: Path) -> None:
+    """Endpoints outlive daemons: one started before the activator existed answers ``status``
+    without its fields and knows neither ``configure`` nor ``subscribe``. The new daemon must
+    not fail every pass on it: it stops it (its requests in flight finish) and starts one that
+    holds requests and wakes it."""
+    root = tmp_path / "st" / "endpoints"
+    port = free_port()
+    old_status = {"service": "svc", "host": "127.0.0.1", "port": port, "admin_port": None,
+                  "requests": 0, "codes": {}, "retries": 0, "upstream_errors": 0, "queued": 0,
+                  "clients": 0, "weights": {}, "backends": []}
+    commands: list[str] = []
+    with Store.open(str(tmp_path / "state.db")) as store:
+        with store.tx() as tx:
+            tx.assign_endpoint("svc", port)
+        endpoints = Endpoints(store, root)
+        path = endpoints.control_path("svc")
+        private_dir(root)
+        listener = bind_private(path, 4)
+
+        def old_endpoint() -> None:
+            while True:
+                conn, _ = listener.accept()
+                with conn, conn.makefile("rwb") as f:
+                    for line in f:
+                        op = json.loads(line)["op"]
+                        commands.append(op)
+                        reply: dict[str, Any] = (
+                            {"ok": True} if op in ("status", "stop", "set_backends")
+                            else {"ok": False, "error": f"unknown command {op!r}"})
+                        if op == "status":
+                            reply["status"] = old_status
+                        f.write(json.dumps(reply).encode() + b"\n")
+                        f.flush()
+                        if op == "stop":
+                            listener.close()
+                            path.unlink()
+                            return
+
+        serving = threading.Thread(target=old_endpoint, daemon=True)
+        serving.start()
+        try:
+            ep = endpoints.sync("svc", None, [], None, Activation(5.0))
+            serving.join(5)
+            assert commands[-1] == "stop" and "configure" not in commands
+            st = ep.status()
+            assert (st.port, st.activation_timeout) == (port, 5.0)  # a new process, same port
+            assert ep.pid is not None
+        finally:
+            endpoints.remove("svc")
+            endpoints.close()
 
 
 @pytest.fixture

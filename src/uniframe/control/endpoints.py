@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +139,15 @@ class Endpoints:
         if path.exists():
             try:
                 ep = Endpoint.attach(path)
-                if ep.port == port and ep.service == service:
+                outdated = ep.status().activation_timeout is None
+                if ep.port == port and ep.service == service and not outdated:
                     self._hold(service, ep)
                     return ep
-                ep.stop()  # an old endpoint on a port the spec no longer wants
+                # on a port the spec no longer wants, or started by a daemon older than the
+                # activator (it could neither hold requests nor wake us): replace it, letting
+                # its requests in flight finish first
+                ep.stop()
+                self._await_end(service)
             except EndpointError:
                 pass  # its process is gone; the socket file is stale
             with contextlib.suppress(FileNotFoundError):
@@ -231,6 +237,14 @@ class Endpoints:
             with contextlib.suppress(EndpointError):
                 out[service] = ep.status()
         return out
+
+    def _await_end(self, service: str, timeout: float = 12.0) -> None:
+        """Wait (up to ``timeout``, past the endpoint's 10 s drain) for a stopped endpoint's
+        process to end on its own, so :meth:`_end_strays` kills only one that hangs."""
+        marker = str(self.control_path(service)).encode()
+        deadline = time.monotonic() + timeout
+        while _processes_with_arg(b"--control", marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _end_strays(self, service: str) -> None:
         """Kill endpoint processes of ``service`` that we hold no handle on.

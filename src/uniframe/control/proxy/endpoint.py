@@ -88,7 +88,7 @@ class EndpointStatus:
     held: int  # requests waiting for a ready replica (demand an autoscaler must count)
     in_flight: int  # requests on replicas now
     demands: int  # times the endpoint told its subscribers it holds requests (see activator)
-    activation_timeout: float
+    activation_timeout: float | None  # None: an endpoint process older than the activator
     queue_limit: int
     clients: int
     weights: dict[str, int]
@@ -341,9 +341,12 @@ class Endpoint:
         return EndpointStatus(
             service=raw["service"], host=raw["host"], port=raw["port"], admin_port=raw["admin_port"],
             requests=raw["requests"], codes={int(k): v for k, v in raw["codes"].items()},
-            retries=raw["retries"], upstream_errors=raw["upstream_errors"], held=raw["held"],
-            in_flight=raw["in_flight"], demands=raw["demands"],
-            activation_timeout=raw["activation_timeout"], queue_limit=raw["queue_limit"],
+            retries=raw["retries"], upstream_errors=raw["upstream_errors"],
+            # an endpoint started by an older daemon lacks the activator's fields
+            held=raw.get("held", raw.get("queued", 0)),
+            in_flight=raw.get("in_flight", sum(b["outstanding"] for b in raw["backends"])),
+            demands=raw.get("demands", 0), activation_timeout=raw.get("activation_timeout"),
+            queue_limit=raw.get("queue_limit", 0),
             clients=raw["clients"], weights=raw["weights"],
             backends=tuple(BackendStatus(**b) for b in raw["backends"]),
         )
