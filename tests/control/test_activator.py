@@ -291,7 +291,7 @@ def test_a_starting_replica_that_answers_while_requests_are_held_wakes_the_daemo
                 began = time.monotonic()
                 lines = _events(events, 0.5)  # well before the 2 s reminder
                 assert [e["event"] for _, e in lines] == ["demand"], lines
-                assert lines[0][0] - began < 0.3  # checked every 50 ms while requests are held
+                assert lines[0][0] - began < 0.3  # checked every 20 ms while requests are held
                 assert ep.status().held == 1  # still the reconciler's word that releases it
                 ep.set_ready("starting", True)
                 assert _answer(held)[0] == 200

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 ACTIVATION_TIMEOUT = 30.0  # seconds a request is held by default (a service's spec may say otherwise)
 DEMAND_REPEAT = 2.0  # seconds between reminders while requests stay held with no replica
-STARTING_RECHECK = 0.05  # seconds between checks of a starting replica while requests are held
+STARTING_RECHECK = 0.02  # seconds between checks of a starting replica while requests are held
+#                          (the server's timers tick this often then too)
 SUBSCRIBER_BACKLOG = 64 << 10  # unread event bytes before a subscriber is dropped
 
 

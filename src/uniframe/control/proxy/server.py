@@ -67,6 +67,8 @@ BAD = select.EPOLLERR | select.EPOLLHUP
 RECV = 262144
 PIPELINE_LIMIT = 4 << 20  # buffered input beyond the request in flight before we stop reading
 OUTPUT_LIMIT = 4 << 20  # unsent response bytes before we stop reading the replica
+TICK = 0.1  # seconds between timer sweeps (health checks, timeouts)
+TICK_HOLDING = 0.02  # ...while the activator holds requests
 REASONS = {
     100: b"Continue", 400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
@@ -1132,15 +1134,19 @@ class ProxyServer:
             on_ready(self)
         poll = self._ep.poll
         handlers = self._handlers
+        activator = self.activator
         last_sweep = 0.0
         try:
             while True:
-                for fd, ev in poll(0.1):
+                # timers every 0.1 s; every 20 ms while requests are held, so a starting
+                # replica is checked (and the daemon woken) soon after it answers
+                tick = TICK_HOLDING if activator.held else TICK
+                for fd, ev in poll(tick):
                     h = handlers.get(fd)
                     if h is not None:
                         h[0](h[1], ev)
                 now = self.now = time.monotonic()
-                if now - last_sweep >= 0.1:
+                if now - last_sweep >= tick:
                     last_sweep = now
                     if self.stopping and self._stopped(now):
                         return
