@@ -70,6 +70,7 @@ from uniframe.control.states import (
 )
 from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, Store, Tx
 from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
+from uniframe.control.templates import Templates
 from uniframe.errors import SpecError, UniframeError, is_permanent
 from uniframe.runtime.driver import Driver, ReplicaNotFoundError
 from uniframe.runtime.registry import REGISTRY, Registry
@@ -203,6 +204,9 @@ class Reconciler:
         # One decider per autoscaled service, sampled from its endpoint on a thread of its own
         # (started by run; tests call autoscalers.sample()).
         self.autoscalers = Autoscalers(self._endpoint_load, changed=self._scaled)
+        # Snapshot templates of autoscaled services on snapshot-capable drivers (templates.py).
+        self.templates = Templates(store, state_root / "templates" if state_root else None,
+                                   self.registry, self.driver, self.log)
         self.passes = 0
         self.last_pass_seconds = 0.0  # of the last whole pass over every object (see _time_pass)
         self.errors = 0
@@ -391,7 +395,9 @@ class Reconciler:
                                           returning=digest in earlier)
         if isinstance(doc, InferenceService):
             image = self._image(obj, doc, digest)
-            target = service_target(doc, image, self.registry.entry_for_runtime(doc.spec.runtime).kind)
+            kind = self.registry.entry_for_runtime(doc.spec.runtime).kind
+            target = service_target(doc, image, kind,
+                                    snapshottable=self.templates.wanted(doc, kind))
             if image is None:  # being built: keep the running replicas healthy meanwhile
                 running = [r for r in (self._observe(obj, target, rec) for rec in replicas)
                            if r is not None]
@@ -415,6 +421,8 @@ class Reconciler:
         new = [r for r in live if r.revision == digest and r.image_digest == target.image_digest
                and r.driver == target.driver_kind]
         old = [r for r in live if r not in new]
+        if isinstance(doc, InferenceService):  # before the endpoint hears a new replica is ready
+            self.templates.keep_up(obj, target, digest, new, live)
 
         if rollout.state in (PROGRESSING, PAUSED, PROMOTED, FAILED):
             failure = self._failure(target.rules.deadline, new)
@@ -462,6 +470,7 @@ class Reconciler:
             self._retire(obj, rec, "object deleted")
         if obj.kind == SERVICE_KIND:
             self.autoscalers.forget(obj.name)
+            self.templates.retire(obj.name, keep=set())
             self.endpoints.remove(obj.name)
         with self._lock:  # the same spec applied again later builds at once, not after a back-off
             for key in [k for k, b in self._builds.items()
@@ -720,21 +729,31 @@ class Reconciler:
             self.wake()
 
     def _create(self, obj: ObjectRecord, target: Target, revision: str) -> None:
+        """Create and start one replica; restored from the revision's template if it has one
+        (then it runs already: recorded as starting, so a crash between the restore and the
+        record leaves a clone the store does not know, the price of a one-step restore)."""
         driver = self.driver(target.driver_kind)
-        replica, port = target.make(driver)
+        made = self.templates.make(obj, target, revision, driver)
+        replica, port = made.replica, made.port
         try:
             with self.store.tx() as tx:
                 tx.add_replica(replica.id, obj.kind, obj.name, driver=target.driver_kind,
-                               image_digest=target.image_digest, state=PENDING, host_port=port,
-                               revision=revision)
+                               image_digest=target.image_digest,
+                               state=STARTING if made.restored_from else PENDING,
+                               host_port=port, revision=revision)
                 tx.add_event(obj.kind, obj.name, "ReplicaCreated",
                              f"{replica.id}" + (f" on port {port}" if port else ""),
                              replica_id=replica.id)
+                if made.restored_from is not None:
+                    tx.add_event(obj.kind, obj.name, "Restored",
+                                 f"replica {replica.id} from template {made.restored_from.id}",
+                                 replica_id=replica.id)
         except BaseException:
             with contextlib.suppress(UniframeError):
                 driver.remove(replica.id, force=True)
             raise
-        self._start(obj, replica.id, driver, "Started")
+        if made.restored_from is None:
+            self._start(obj, replica.id, driver, "Started")
 
     def _start(self, obj: ObjectRecord, replica_id: str, driver: Driver, reason: str) -> None:
         try:

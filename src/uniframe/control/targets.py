@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from uniframe.build.images import image_port
 from uniframe.build.store import Image
+from uniframe.build.unikernel import sample_request
 from uniframe.control.health import SERVER_READY_PATH, model_ready_path, probe
 from uniframe.control.store import ReplicaRecord
 from uniframe.runtime.driver import Driver
@@ -60,6 +61,12 @@ class Target:
     probe: Callable[[ReplicaRecord], bool]
     endpoint: bool = False  # InferenceServices get a service endpoint
     service_port: int | None = None
+    # A service's replica config and its probe port, without creating it (a restore makes the
+    # replica from a snapshot instead); None for a Workload, which never restores.
+    configure: Callable[[], tuple[ReplicaConfig, int]] | None = None
+    # One inference (path, JSON body) built from the model's recorded signature: a template's
+    # warm-up, so the snapshot holds a server that has answered once (lazy paths taken).
+    warmup: tuple[str, bytes] | None = None
 
 
 def rules_of(doc: InferenceService | Workload) -> Rules:
@@ -73,22 +80,31 @@ def rules_of(doc: InferenceService | Workload) -> Rules:
                  deadline=rollout.progress_deadline_seconds)
 
 
-def service_target(service: InferenceService, image: Image | None, driver_kind: str) -> Target:
+def service_target(service: InferenceService, image: Image | None, driver_kind: str, *,
+                   snapshottable: bool = False) -> Target:
     """The service's replicas on ``driver_kind`` (the registry's choice for its runtime); with
-    ``image`` None (still building) it can probe but not make."""
+    ``image`` None (still building) it can probe but not make. ``snapshottable`` replicas can
+    become a snapshot template (see :mod:`.templates`)."""
     spec = service.spec
     check = spec.health_check
     resources = image.manifest.get("resources", {}) if image is not None else {}
 
-    def make(driver: Driver) -> tuple[Replica, int | None]:
+    def configure() -> tuple[ReplicaConfig, int]:
         if image is None:
             raise RuntimeError("no image to make a replica from yet")
         port = free_port()
-        config = ReplicaConfig(
+        return ReplicaConfig(
             image=image_ref(image), cpus=max(1, round(float(resources.get("cpus", 1)))),
             memory_mib=max(256, int(resources.get("memory", 256 << 20)) >> 20),
-            ports=(PortMapping(port, image_port(image)),))
+            ports=(PortMapping(port, image_port(image)),), snapshottable=snapshottable), port
+
+    def make(driver: Driver) -> tuple[Replica, int | None]:
+        config, port = configure()
         return driver.create(config), port
+
+    inputs = (image.manifest.get("model") or {}).get("inputs") if image is not None else None
+    warmup = ((f"/v2/models/{service.metadata.name}/infer", sample_request(inputs))
+              if inputs else None)
 
     # The service's own model must answer, not only the server: a replica serving another
     # model (an image built under another name) is healthy but answers every request 404.
@@ -107,7 +123,8 @@ def service_target(service: InferenceService, image: Image | None, driver_kind: 
         rules=rules_of(service),
         health=Health(check.period_seconds, check.timeout_seconds, check.failure_threshold,
                       " and ".join(f"GET {p}" for p in paths)),
-        make=make, probe=ready, endpoint=True, service_port=spec.service_port)
+        make=make, probe=ready, endpoint=True, service_port=spec.service_port,
+        configure=configure, warmup=warmup)
 
 
 def workload_target(workload: Workload, revision: str, driver_kind: str) -> Target:

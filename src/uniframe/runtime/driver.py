@@ -371,6 +371,12 @@ class Driver(abc.ABC):
             f"capability); {ref!r} stays as it is: stop it instead, or run it on a driver "
             "that can (see 'uniframe runtimes')")
 
+    def remove_snapshot(self, snapshot: Snapshot) -> None:
+        """Delete ``snapshot``'s bytes (a template whose revision retired); gone already is fine."""
+        raise RuntimeDriverError(
+            f"the {self.kind} driver keeps no snapshots (it lacks the 'snapshot' capability); "
+            f"snapshot {snapshot.id} was taken by {snapshot.driver}: remove it there")
+
     def restore(self, snapshot: Snapshot, config: ReplicaConfig) -> Replica:
         """A new, running replica from ``snapshot``, which must be valid for ``config``."""
         raise RuntimeDriverError(

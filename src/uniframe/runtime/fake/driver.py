@@ -377,6 +377,9 @@ class FakeDriver(Driver):
         with self._host.lock:
             return [s for s, _ in self._host.snapshots.values()]
 
+    def remove_snapshot(self, snapshot: Snapshot) -> None:
+        self.forget_snapshot(snapshot.id)
+
     def forget_snapshot(self, snapshot_id: str) -> None:
         with self._host.lock:
             self._host.snapshots.pop(snapshot_id, None)

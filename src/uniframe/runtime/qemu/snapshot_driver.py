@@ -218,6 +218,11 @@ class SnapshotTemplates(QemuDriver):
             raise
         return replica
 
+    def remove_snapshot(self, snapshot: Snapshot) -> None:
+        """Delete a template's files (see :meth:`SnapshotStore.remove`: clones keep their RAM)."""
+        with contextlib.suppress(SnapshotNotFoundError):
+            self.snapshots.remove(snapshot.id)
+
     def _stored(self, snapshot: Snapshot) -> StoredSnapshot:
         """The store's copy of ``snapshot`` (where its files are)."""
         try:
