@@ -72,6 +72,7 @@ from uniframe.control.store import ObjectRecord, ReplicaRecord, RolloutRecord, S
 from uniframe.control.targets import Rules, Target, rules_of, service_target, workload_target
 from uniframe.control.templates import Templates
 from uniframe.errors import SpecError, UniframeError, is_permanent
+from uniframe.paths import state_dir
 from uniframe.runtime.driver import Driver, ReplicaNotFoundError
 from uniframe.runtime.registry import REGISTRY, Registry
 from uniframe.runtime.replica import ReplicaState
@@ -205,7 +206,9 @@ class Reconciler:
         # (started by run; tests call autoscalers.sample()).
         self.autoscalers = Autoscalers(self._endpoint_load, changed=self._scaled)
         # Snapshot templates of autoscaled services on snapshot-capable drivers (templates.py).
-        self.templates = Templates(store, state_root / "templates" if state_root else None,
+        # Under the state root the drivers use (the user's state dir without one), so a new
+        # daemon finds them.
+        self.templates = Templates(store, (state_root or state_dir()) / "templates",
                                    self.registry, self.driver, self.log)
         self.passes = 0
         self.last_pass_seconds = 0.0  # of the last whole pass over every object (see _time_pass)

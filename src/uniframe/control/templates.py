@@ -20,7 +20,7 @@ is a fact about files on this host, next to the snapshot files the driver
 keeps under the same state root, and it needs no query or transaction with
 other records; a table would need a schema migration for a list of at most a
 few entries. A daemon restarted reads the file and goes on restoring from the
-same template. Without a state root (some tests) the record is kept in memory.
+same template.
 
 The template is taken before the endpoint is told the replica is ready (the
 reconciler calls :meth:`Templates.keep_up` right after observing replicas),
@@ -87,26 +87,23 @@ class _Entry:
 class Templates:
     """The template records of every service, and the acts on them the reconciler asks for."""
 
-    def __init__(self, store: Store, root: Path | None, registry: Registry,
+    def __init__(self, store: Store, root: Path, registry: Registry,
                  driver: Callable[[str], Driver], log: Callable[[str], None]) -> None:
         self.store = store
         self.root = root
         self.registry = registry
         self.driver = driver
         self.log = log
-        self._memory: dict[str, list[_Entry]] = {}
         self._lock = threading.Lock()
         self._retry_at: dict[tuple[str, str], float] = {}  # (service, revision) -> monotonic
 
     # -- the record ------------------------------------------------------------------------
 
-    def _file(self, service: str) -> Path | None:
-        return self.root / f"{service}.json" if self.root is not None else None
+    def _file(self, service: str) -> Path:
+        return self.root / f"{service}.json"
 
     def _load(self, service: str) -> list[_Entry]:
         path = self._file(service)
-        if path is None:
-            return list(self._memory.get(service, []))
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -122,9 +119,6 @@ class Templates:
 
     def _save(self, service: str, entries: list[_Entry]) -> None:
         path = self._file(service)
-        if path is None:
-            self._memory[service] = list(entries)
-            return
         if not entries:
             path.unlink(missing_ok=True)
             return
