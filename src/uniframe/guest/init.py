@@ -12,7 +12,9 @@ order what a distribution's init, udev and shutdown scripts would:
    none (:mod:`.net`; an image with a read-only root ships its own);
 4. warn if the kernel's random generator is not ready (:mod:`.entropy`);
 5. start the zombie reaper (:mod:`.reaper`), route SIGTERM and the console's
-   ``uniframe:shutdown`` line to a graceful stop with a watchdog (:mod:`.stop`);
+   ``uniframe:shutdown`` line to a graceful stop with a watchdog (:mod:`.stop`),
+   and the console's ``uniframe:clone`` line (a restored snapshot clone's
+   entropy, clock and identity) to :mod:`.clone`;
 6. run the app module as ``__main__`` with ``runpy``, in this process, so the
    app is PID 1 and nothing sits between it and the kernel;
 7. report how it ended (:mod:`.report`), ``sync``, and ``reboot(2)``: with
@@ -41,7 +43,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from uniframe.guest import entropy, libc, mounts, net
+from uniframe.guest import clone, entropy, libc, mounts, net
 from uniframe.guest.cmdline import GuestConfig, parse_cmdline
 from uniframe.guest.reaper import Reaper
 from uniframe.guest.report import ExitReport, app_report, forced_report, init_failure_report
@@ -156,7 +158,8 @@ def main(cmdline_path: str = "/proc/cmdline") -> NoReturn:
         stop.install()
         if config.console is not None:
             watch_console(config.console, lambda: stop.request("console"),
-                          lambda msg: say(f"warning: {msg}"))
+                          lambda msg: say(f"warning: {msg}"),
+                          lambda line: on_console_line(line, machine))
         os.environ.update(config.app_env())
         os.environ.setdefault("PATH", DEFAULT_PATH)
         say(_ready_line(config, started, machine))
@@ -172,6 +175,19 @@ def main(cmdline_path: str = "/proc/cmdline") -> NoReturn:
     except BaseException as exc:
         finisher.finish(init_failure_report(exc, step))
     finisher.finish(report)
+
+
+def on_console_line(line: bytes, machine: bool) -> None:
+    """A console line other than the shutdown line: the host's clone message, or ignored."""
+    if not clone.is_request(line):
+        return
+    try:
+        ack = clone.apply(clone.parse(line), machine)
+    except Exception as exc:  # the console thread must live on: it also carries the shutdown line
+        # No acknowledgement: the host gives up on this clone and boots a replica instead.
+        say(f"warning: cannot become a clone ({exc}); not acknowledging")
+        return
+    _write(f"{ack}\n")
 
 
 def _mount_all() -> None:

@@ -21,8 +21,10 @@ Three facts shape this module:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -89,16 +91,30 @@ class StopControl:
 
 
 def watch_console(path: str, on_shutdown: Callable[[], None],
-                  warn: Callable[[str], None]) -> threading.Thread:
-    """Read ``path`` line by line in a daemon thread; call ``on_shutdown`` on the shutdown line."""
-    thread = threading.Thread(target=_read_console, args=(path, on_shutdown, warn),
+                  warn: Callable[[str], None],
+                  on_line: Callable[[bytes], None] | None = None) -> threading.Thread:
+    """Read ``path`` line by line in a daemon thread; call ``on_shutdown`` on the shutdown line.
+
+    Every other complete line goes to ``on_line`` (the host's clone message,
+    :mod:`.clone`).
+    """
+    thread = threading.Thread(target=_read_console, args=(path, on_shutdown, warn, on_line),
                               name="uniframe-console", daemon=True)
     thread.start()
     return thread
 
 
+def _no_echo(fd: int) -> None:
+    """Stop the tty echoing what the host types (a clone's seed) into the console log."""
+    with contextlib.suppress(OSError, termios.error):
+        attrs = termios.tcgetattr(fd)
+        attrs[3] &= ~(termios.ECHO | termios.ECHONL)
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
 def _read_console(path: str, on_shutdown: Callable[[], None],
-                  warn: Callable[[str], None]) -> None:
+                  warn: Callable[[str], None],
+                  on_line: Callable[[bytes], None] | None = None) -> None:
     block_stop_signals()
     while True:
         try:
@@ -109,13 +125,18 @@ def _read_console(path: str, on_shutdown: Callable[[], None],
             warn(f"cannot read {path} for shutdown requests ({exc.strerror}); "
                  f"'{SHUTDOWN_LINE.decode()}' will not work")
             return
+        if os.isatty(fd):
+            _no_echo(fd)
         pending = b""
         try:
             while chunk := os.read(fd, 4096):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                if any(line.strip() == SHUTDOWN_LINE for line in lines):
-                    on_shutdown()
+                for line in lines:
+                    if line.strip() == SHUTDOWN_LINE:
+                        on_shutdown()
+                    elif on_line is not None:
+                        on_line(line)
                 pending = pending[-4096:]
         except OSError as exc:
             warn(f"reading {path} failed ({exc.strerror}); reopening it")

@@ -36,6 +36,7 @@ from uniframe.runtime.driver import REPLICA_FILE, STATUS_FILE
 from uniframe.runtime.qemu import network as network
 from uniframe.runtime.qemu.accel import choose_accel
 from uniframe.runtime.qemu.binary import qemu_binary
+from uniframe.runtime.qemu.clone_identity import give_identity
 from uniframe.runtime.qemu.microvm import (
     CONSOLE_LOG,
     CONSOLE_SOCK,
@@ -181,6 +182,11 @@ class QemuMicroVMDriver(SnapshotTemplates):
         self._release_ram(replica)
 
     # -- snapshots (the flow: runtime/qemu/snapshot_driver.py) ------------------------------
+
+    def _before_serving(self, replica: Replica) -> None:
+        """A clone gets fresh entropy, the wall clock and its own name from the guest init
+        before it serves (:mod:`.clone_identity`); no acknowledgement fails the restore."""
+        give_identity(replica.dir / CONSOLE_SOCK, replica.id, replica.name)
 
     def _facts_for(self, config: ReplicaConfig) -> dict[str, Fact]:
         """The snapshot facts of a replica that would be restored with ``config``."""
