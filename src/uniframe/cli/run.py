@@ -136,6 +136,10 @@ def run(
                       "Ctrl-C stops it[/]")
     offset = replica.log_offset
     signal.signal(signal.SIGTERM, _terminate)  # a supervisor's SIGTERM stops it like Ctrl-C
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a
+    # shell without job control starts background commands with SIGINT ignored: say it here,
+    # so "Ctrl-C stops it" holds however the CLI was launched.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         offset = _stream(driver, replica, offset)
     except KeyboardInterrupt:
