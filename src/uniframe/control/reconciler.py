@@ -511,12 +511,12 @@ class Reconciler:
 
     def _scaled(self, service: str, before: int, decision: Decision, settings: Settings) -> None:
         """The desired count changed: say so (ScaledUp, ScaledDown, ScaledToZero) and act now."""
+        self.wake()  # first: the pass need not wait for the event's commit (a cold start counts ms)
         reason, message = describe_change(service, before, decision, settings)
         self.log(f"{SERVICE_KIND}/{service}: {message}")
         with contextlib.suppress(UniframeError), self.store.tx() as tx:
             if tx.get_object(SERVICE_KIND, service) is not None:
                 tx.add_event(SERVICE_KIND, service, reason, message)
-        self.wake()
 
     # -- rollouts ----------------------------------------------------------------------------
 
