@@ -32,6 +32,12 @@ from uniframe.runtime.process import ProcessRef
 NatCall = tuple[str, list[nat.Forward], bool]
 
 
+@pytest.fixture(autouse=True)
+def own_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests make up holdings: they keep them in their own directory, not the host's."""
+    monkeypatch.setenv("UNIFRAME_HOSTNET", str(tmp_path / "hostnet"))
+
+
 @pytest.fixture
 def nft(monkeypatch: pytest.MonkeyPatch) -> list[NatCall]:
     """Every table hostnet would write, instead of writing it."""
@@ -365,3 +371,17 @@ def test_the_per_driver_books_of_earlier_versions_are_taken_over(tmp_path: Path,
         assert net.lease(newcomer.replica_id, hostnet.VETH).index == 1  # block 0 is still taken
     assert not (tmp_path / "network").exists() and (tmp_path / "network.imported").is_dir()
     assert ("veth", [(PortMapping(runc_port, 80), "10.89.0.2")], True) in nft  # DNAT rewritten
+
+
+def test_the_records_are_the_hosts_for_root_and_the_state_roots_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two state roots on one host share root's records (one lock, one nftables table each)."""
+    from uniframe.runtime.hostnet.session import HOST_DIR, hostnet_dir
+
+    monkeypatch.delenv("UNIFRAME_HOSTNET")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert hostnet_dir(tmp_path / "a") == hostnet_dir(tmp_path / "b") == HOST_DIR
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert hostnet_dir(tmp_path / "a") == tmp_path / "a" / "hostnet"
+    monkeypatch.setenv("UNIFRAME_HOSTNET", str(tmp_path / "elsewhere"))
+    assert hostnet_dir(tmp_path / "a") == tmp_path / "elsewhere"

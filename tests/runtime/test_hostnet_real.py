@@ -118,8 +118,8 @@ def test_a_port_one_driver_publishes_is_refused_to_another(runtime: str, state: 
 
     process.remove(server.id, force=True)
     runc.remove(second.id)
-    with hostnet.locked(state) as net:
-        assert net.holdings() == []  # every claim went back with its replica
+    with hostnet.locked(state) as net:  # the host's records: only this test's replicas matter
+        assert [h for h in net.holdings() if h.owner.dir.is_relative_to(state)] == []
 
 
 def test_a_process_replica_claims_the_port_it_listens_on_unpublished(state: Path, process_image: Image) -> None:

@@ -1,6 +1,6 @@
 """What each replica holds on the host's network, one JSON file per replica.
 
-``<state>/hostnet/holdings/<replica id>.json`` names the replica (id, name,
+``<hostnet>/holdings/<replica id>.json`` (``/run/uniframe/hostnet`` for root) names the replica (id, name,
 driver, directory), the processes whose life keeps its claims valid, the
 host ports it publishes and the address blocks it leases. Any process (the
 CLI, the daemon) reads the same files, so who holds what is never a fact kept

@@ -5,7 +5,8 @@ and each may start replicas of any driver. Checking that a port is free and
 then taking it must be one step for all of them, or two starts at the same
 moment both see the port free; and DNAT binds no socket, so a port a
 container publishes looks free to ``bind``. So every claim and lease happens
-inside :func:`locked`: an exclusive ``flock`` on ``<state>/hostnet/lock``
+inside :func:`locked`: an exclusive ``flock`` on ``hostnet/lock`` (once per host
+for root: :func:`hostnet_dir`)
 (one per open, so threads of one process exclude each other too), then the
 records are read, checked, changed and written before the lock is let go.
 
@@ -37,7 +38,28 @@ from uniframe.runtime.process import ProcessRef
 log = logging.getLogger("uniframe.runtime.hostnet")
 
 
+HOST_DIR = Path("/run/uniframe/hostnet")
+
+
 def hostnet_dir(state_root: Path) -> Path:
+    """Where the records and the lock live: once per host for root, else in ``state_root``.
+
+    Ports, addresses and nftables tables belong to the host, not to one state
+    directory: two uniframe state roots on one host (a second daemon, a CLI with
+    its own ``UNIFRAME_STATE``, two test runs) must see each other's claims, or
+    both lease the same /30 and each rewrites the shared nftables table from its
+    own records, dropping the other's forwards. So root keeps them in
+    ``/run/uniframe/hostnet`` (tmpfs: they last exactly as long as the devices and
+    rules they describe, until reboot). An ordinary user leases no addresses and
+    writes no tables; their port claims stay in their own state directory, and
+    ``bind`` still catches a port someone else listens on. ``$UNIFRAME_HOSTNET``
+    points elsewhere (tests of the records themselves).
+    """
+    override = os.environ.get("UNIFRAME_HOSTNET")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return HOST_DIR
     return state_root / "hostnet"
 
 
