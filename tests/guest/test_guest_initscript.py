@@ -68,7 +68,7 @@ def test_init_imports_only_the_standard_library_and_the_pid1_modules(tmp_path: P
     modules: dict[str, str | None] = json.loads(proc.stdout)
     ours = {n for n in modules if n.split(".")[0] == "uniframe"}
     assert ours == {"uniframe", "uniframe.guest", *(f"uniframe.guest.{m}" for m in (
-        "cmdline", "entropy", "init", "libc", "mounts", "net", "reaper", "report", "stop"))}
+        "clone", "cmdline", "entropy", "init", "libc", "mounts", "net", "reaper", "report", "stop"))}
     others = {n.split(".")[0] for n in modules} - {"uniframe", "__main__"}
     assert others <= set(sys.stdlib_module_names) | set(sys.builtin_module_names), \
         others - set(sys.stdlib_module_names)
