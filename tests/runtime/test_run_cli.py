@@ -81,8 +81,8 @@ def test_foreground_run_exits_with_the_guest_status(state_dir: Path, test_image:
          "--accel", "tcg", "--rm"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.monotonic() + 90
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None
+    while proc.poll() is None:  # a request the guest took but answered too late still ends it
+        assert time.monotonic() < deadline
         try:
             httpx.get(f"http://127.0.0.1:{port}/exit/5", timeout=5)
             break
